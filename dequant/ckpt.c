@@ -162,10 +162,17 @@ static int open_index(struct dq_ckpt *ck, const char *index_path)
 int dq_ckpt_open(const char *dir, struct dq_ckpt **out)
 {
     *out = NULL;
+    if (!dir)
+        return -EINVAL;
     struct stat st;
-    if (stat(dir, &st) < 0 || !S_ISDIR(st.st_mode)) {
+    if (stat(dir, &st) < 0) {
+        int e = errno;
+        dq_log(DQ_LOG_ERROR, TAG, "%s: %s", dir, strerror(e));
+        return -e;
+    }
+    if (!S_ISDIR(st.st_mode)) {
         dq_log(DQ_LOG_ERROR, TAG, "%s: not a directory", dir);
-        return stat(dir, &st) < 0 ? -ENOENT : -ENOTDIR;
+        return -ENOTDIR;
     }
     struct dq_ckpt *ck = calloc(1, sizeof *ck);
     if (!ck)

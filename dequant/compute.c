@@ -314,8 +314,10 @@ static int range_one(void *p, uint64_t i)
     dq_out_slice_range(c->o, s, &soff, &slen);
     uint64_t lo = soff > c->off ? soff : c->off;
     uint64_t hi = soff + slen < c->off + c->len ? soff + slen : c->off + c->len;
-    if (lo == soff && hi == soff + slen) /* whole slice: compute in place */
-        return dq_out_compute(c->o, s, c->dst + (soff - c->off), c->sat);
+    uint8_t *at = c->dst + (lo - c->off);
+    /* whole slice at an aligned address: compute in place */
+    if (lo == soff && hi == soff + slen && ((uintptr_t)at & 7) == 0)
+        return dq_out_compute(c->o, s, at, c->sat);
     uint8_t *tmp = malloc(slen);
     if (!tmp)
         return -ENOMEM;

@@ -98,7 +98,8 @@ struct dq_stfile {
 int dq_stfile_open(const char *path, struct dq_stfile **out);
 void dq_stfile_close(struct dq_stfile *f);
 /* 0 when the file on disk still has the identity seen at open, -ESTALE
- * (logged once per file) otherwise. Cheap: one fstat + one stat. */
+ * otherwise (not logged: the caller knows which tensor it wanted). Cheap:
+ * one fstat + one stat. */
 int dq_stfile_check(struct dq_stfile *f);
 const struct dq_tensor *dq_stfile_find(const struct dq_stfile *f, const char *name);
 
@@ -249,7 +250,8 @@ void dq_out_slice_range(const struct dq_out *o, uint64_t s, uint64_t *off, uint6
 /* Slice holding byte `off` of the tensor's data (off < nbytes). */
 uint64_t dq_out_slice_at(const struct dq_out *o, uint64_t off);
 
-/* Compute slice s of o into dst (at least its length in bytes). Checks the
+/* Compute slice s of o into dst (at least its length in bytes, 8-byte
+ * aligned). Checks the
  * source file identity first (-ESTALE), reads mapped source bytes under the
  * SIGBUS guard (-EIO), logs once with file and tensor. Thread-safe; uses
  * per-thread scratch memory. */
