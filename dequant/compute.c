@@ -67,48 +67,54 @@ static void *scratch_get(size_t need)
 /* ----------------------------------------------------------- transpose */
 
 /* dst[j * dstride + i] = src[i * sstride + j] for i < rows, j < cols. */
+/* 8x8 block of 16-bit elements: dst row j gets src column j. */
+static inline void tr8x8_u16(const uint16_t *s, size_t sstride, uint16_t *d, size_t dstride)
+{
+#if defined(__x86_64__)
+    __m128i r0 = _mm_loadu_si128((const __m128i *)(s + 0 * sstride));
+    __m128i r1 = _mm_loadu_si128((const __m128i *)(s + 1 * sstride));
+    __m128i r2 = _mm_loadu_si128((const __m128i *)(s + 2 * sstride));
+    __m128i r3 = _mm_loadu_si128((const __m128i *)(s + 3 * sstride));
+    __m128i r4 = _mm_loadu_si128((const __m128i *)(s + 4 * sstride));
+    __m128i r5 = _mm_loadu_si128((const __m128i *)(s + 5 * sstride));
+    __m128i r6 = _mm_loadu_si128((const __m128i *)(s + 6 * sstride));
+    __m128i r7 = _mm_loadu_si128((const __m128i *)(s + 7 * sstride));
+    __m128i t0 = _mm_unpacklo_epi16(r0, r1), t1 = _mm_unpackhi_epi16(r0, r1);
+    __m128i t2 = _mm_unpacklo_epi16(r2, r3), t3 = _mm_unpackhi_epi16(r2, r3);
+    __m128i t4 = _mm_unpacklo_epi16(r4, r5), t5 = _mm_unpackhi_epi16(r4, r5);
+    __m128i t6 = _mm_unpacklo_epi16(r6, r7), t7 = _mm_unpackhi_epi16(r6, r7);
+    __m128i u0 = _mm_unpacklo_epi32(t0, t2), u1 = _mm_unpackhi_epi32(t0, t2);
+    __m128i u2 = _mm_unpacklo_epi32(t1, t3), u3 = _mm_unpackhi_epi32(t1, t3);
+    __m128i u4 = _mm_unpacklo_epi32(t4, t6), u5 = _mm_unpackhi_epi32(t4, t6);
+    __m128i u6 = _mm_unpacklo_epi32(t5, t7), u7 = _mm_unpackhi_epi32(t5, t7);
+    _mm_storeu_si128((__m128i *)(d + 0 * dstride), _mm_unpacklo_epi64(u0, u4));
+    _mm_storeu_si128((__m128i *)(d + 1 * dstride), _mm_unpackhi_epi64(u0, u4));
+    _mm_storeu_si128((__m128i *)(d + 2 * dstride), _mm_unpacklo_epi64(u1, u5));
+    _mm_storeu_si128((__m128i *)(d + 3 * dstride), _mm_unpackhi_epi64(u1, u5));
+    _mm_storeu_si128((__m128i *)(d + 4 * dstride), _mm_unpacklo_epi64(u2, u6));
+    _mm_storeu_si128((__m128i *)(d + 5 * dstride), _mm_unpackhi_epi64(u2, u6));
+    _mm_storeu_si128((__m128i *)(d + 6 * dstride), _mm_unpacklo_epi64(u3, u7));
+    _mm_storeu_si128((__m128i *)(d + 7 * dstride), _mm_unpackhi_epi64(u3, u7));
+#else
+    for (int i = 0; i < 8; i++)
+        for (int j = 0; j < 8; j++)
+            d[j * dstride + i] = s[i * sstride + j];
+#endif
+}
+
+/* dst[j * dstride + i] = src[i * sstride + j] for i < rows, j < cols.
+ * The source row blocks are the inner loop so each destination row's
+ * cache line is filled by consecutive stores (the destination is the
+ * large, strided side). */
 static void transpose_u16(const uint16_t *src, size_t sstride, uint16_t *dst, size_t dstride,
                           size_t rows, size_t cols)
 {
-    size_t i = 0;
-#if defined(__x86_64__)
-    for (; i + 8 <= rows; i += 8) {
-        size_t j = 0;
-        for (; j + 8 <= cols; j += 8) {
-            const uint16_t *s = src + i * sstride + j;
-            __m128i r0 = _mm_loadu_si128((const __m128i *)(s + 0 * sstride));
-            __m128i r1 = _mm_loadu_si128((const __m128i *)(s + 1 * sstride));
-            __m128i r2 = _mm_loadu_si128((const __m128i *)(s + 2 * sstride));
-            __m128i r3 = _mm_loadu_si128((const __m128i *)(s + 3 * sstride));
-            __m128i r4 = _mm_loadu_si128((const __m128i *)(s + 4 * sstride));
-            __m128i r5 = _mm_loadu_si128((const __m128i *)(s + 5 * sstride));
-            __m128i r6 = _mm_loadu_si128((const __m128i *)(s + 6 * sstride));
-            __m128i r7 = _mm_loadu_si128((const __m128i *)(s + 7 * sstride));
-            __m128i t0 = _mm_unpacklo_epi16(r0, r1), t1 = _mm_unpackhi_epi16(r0, r1);
-            __m128i t2 = _mm_unpacklo_epi16(r2, r3), t3 = _mm_unpackhi_epi16(r2, r3);
-            __m128i t4 = _mm_unpacklo_epi16(r4, r5), t5 = _mm_unpackhi_epi16(r4, r5);
-            __m128i t6 = _mm_unpacklo_epi16(r6, r7), t7 = _mm_unpackhi_epi16(r6, r7);
-            __m128i u0 = _mm_unpacklo_epi32(t0, t2), u1 = _mm_unpackhi_epi32(t0, t2);
-            __m128i u2 = _mm_unpacklo_epi32(t1, t3), u3 = _mm_unpackhi_epi32(t1, t3);
-            __m128i u4 = _mm_unpacklo_epi32(t4, t6), u5 = _mm_unpackhi_epi32(t4, t6);
-            __m128i u6 = _mm_unpacklo_epi32(t5, t7), u7 = _mm_unpackhi_epi32(t5, t7);
-            uint16_t *d = dst + j * dstride + i;
-            _mm_storeu_si128((__m128i *)(d + 0 * dstride), _mm_unpacklo_epi64(u0, u4));
-            _mm_storeu_si128((__m128i *)(d + 1 * dstride), _mm_unpackhi_epi64(u0, u4));
-            _mm_storeu_si128((__m128i *)(d + 2 * dstride), _mm_unpacklo_epi64(u1, u5));
-            _mm_storeu_si128((__m128i *)(d + 3 * dstride), _mm_unpackhi_epi64(u1, u5));
-            _mm_storeu_si128((__m128i *)(d + 4 * dstride), _mm_unpacklo_epi64(u2, u6));
-            _mm_storeu_si128((__m128i *)(d + 5 * dstride), _mm_unpackhi_epi64(u2, u6));
-            _mm_storeu_si128((__m128i *)(d + 6 * dstride), _mm_unpacklo_epi64(u3, u7));
-            _mm_storeu_si128((__m128i *)(d + 7 * dstride), _mm_unpackhi_epi64(u3, u7));
-        }
-        for (; j < cols; j++)
-            for (size_t k = 0; k < 8; k++)
-                dst[j * dstride + i + k] = src[(i + k) * sstride + j];
-    }
-#endif
-    for (; i < rows; i++)
-        for (size_t j = 0; j < cols; j++)
+    size_t rows8 = rows & ~(size_t)7, cols8 = cols & ~(size_t)7;
+    for (size_t j = 0; j < cols8; j += 8)
+        for (size_t i = 0; i < rows8; i += 8)
+            tr8x8_u16(src + i * sstride + j, sstride, dst + j * dstride + i, dstride);
+    for (size_t j = 0; j < cols; j++)
+        for (size_t i = (j < cols8 ? rows8 : 0); i < rows; i++)
             dst[j * dstride + i] = src[i * sstride + j];
 }
 
@@ -150,7 +156,8 @@ static int src_span(const struct dq_out *o, const struct dq_src *s, uint64_t k0,
         return 0;
     if (s->q) {
         const struct dq_qstate *q = s->q;
-        uint64_t b0 = k0 / q->blocksize, b1 = (k0 + n - 1) / q->blocksize;
+        const unsigned bsh = (unsigned)__builtin_ctz(q->blocksize);
+        uint64_t b0 = k0 >> bsh, b1 = (k0 + n - 1) >> bsh;
         int rc = dq_qstate_scales_raw(q, b0, b1 - b0 + 1, scales);
         if (rc)
             return rc;

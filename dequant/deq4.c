@@ -143,10 +143,11 @@ static inline unsigned nibble(const uint8_t *codes, uint64_t k)
 static void deq4_scalar(const float *tab, const uint8_t *codes, uint64_t k0, uint64_t n,
                         const float *a, uint32_t bs, enum dq_dtype out, void *dst, uint64_t *sat)
 {
-    uint64_t b0 = k0 / bs;
+    const unsigned bsh = (unsigned)__builtin_ctz(bs); /* blocksize is a power of two */
+    uint64_t b0 = k0 >> bsh;
     for (uint64_t i = 0; i < n; i++) {
         uint64_t k = k0 + i;
-        float v = tab[nibble(codes, k)] * a[k / bs - b0];
+        float v = tab[nibble(codes, k)] * a[(k >> bsh) - b0];
         store_one(out, dst, i, v, sat);
     }
 }
@@ -180,13 +181,13 @@ static inline __m256i bf16_round_avx2(__m256 v)
 
 __attribute__((target("avx2,f16c")))
 static void deq4_chunks_avx2(const float *tab, const uint8_t *codes, uint64_t k, uint64_t nch,
-                             const float *a, uint64_t ablk0, uint32_t bs, enum dq_dtype out,
+                             const float *a, uint64_t ablk0, unsigned bsh, enum dq_dtype out,
                              void *dst)
 {
     const __m256 tlo = _mm256_loadu_ps(tab), thi = _mm256_loadu_ps(tab + 8);
     const __m128i m4 = _mm_set1_epi8(0x0f);
     for (uint64_t c = 0; c < nch; c++, k += 32) {
-        __m256 s = _mm256_set1_ps(a[k / bs - ablk0]);
+        __m256 s = _mm256_set1_ps(a[(k >> bsh) - ablk0]);
         __m128i raw = _mm_loadu_si128((const __m128i *)(codes + (k >> 1)));
         __m128i hi = _mm_and_si128(_mm_srli_epi16(raw, 4), m4);
         __m128i lo = _mm_and_si128(raw, m4);
@@ -220,13 +221,13 @@ static void deq4_chunks_avx2(const float *tab, const uint8_t *codes, uint64_t k,
 
 __attribute__((target("avx512f,avx512bw,avx512vl,f16c")))
 static void deq4_chunks_avx512(const float *tab, const uint8_t *codes, uint64_t k, uint64_t nch,
-                               const float *a, uint64_t ablk0, uint32_t bs, enum dq_dtype out,
+                               const float *a, uint64_t ablk0, unsigned bsh, enum dq_dtype out,
                                void *dst)
 {
     const __m512 t = _mm512_loadu_ps(tab);
     const __m128i m4 = _mm_set1_epi8(0x0f);
     for (uint64_t c = 0; c < nch; c++, k += 32) {
-        __m512 s = _mm512_set1_ps(a[k / bs - ablk0]);
+        __m512 s = _mm512_set1_ps(a[(k >> bsh) - ablk0]);
         __m128i raw = _mm_loadu_si128((const __m128i *)(codes + (k >> 1)));
         __m128i hi = _mm_and_si128(_mm_srli_epi16(raw, 4), m4);
         __m128i lo = _mm_and_si128(raw, m4);
@@ -319,7 +320,8 @@ void dq_deq4_span(enum dq_qtype qt, const uint8_t *codes, uint64_t k0, uint64_t 
     }
 #ifdef DQ_X86
     {
-        const uint64_t ablk0 = k0 / bs;
+        const unsigned bsh = (unsigned)__builtin_ctz(bs); /* power of two: no divisions */
+        const uint64_t ablk0 = k0 >> bsh;
         const float lim = dq_dtype_max(out);
         uint64_t k = k0, end = k0 + n;
         uint64_t head = ((k0 + 31) & ~(uint64_t)31) - k0;
@@ -332,26 +334,26 @@ void dq_deq4_span(enum dq_qtype qt, const uint8_t *codes, uint64_t k0, uint64_t 
              * the output range (|table| <= 1, so |a| below the limit is
              * enough); a block that might saturate goes through the scalar
              * path, which counts. */
-            uint64_t blk_end = (k / bs + 1) * bs;
+            uint64_t blk_end = ((k >> bsh) + 1) << bsh;
             uint64_t stop = blk_end < end ? blk_end : end;
             uint64_t nch = (stop - k) / 32;
             uint8_t *d = (uint8_t *)dst + (k - k0) * osz;
-            float s = a[k / bs - ablk0];
+            float s = a[(k >> bsh) - ablk0];
             if (nch == 0)
                 break;
             if (fabsf(s) < lim || out == DQ_F32) {
                 if (simd == DQ_SIMD_AVX512)
-                    deq4_chunks_avx512(tab, codes, k, nch, a, ablk0, bs, out, d);
+                    deq4_chunks_avx512(tab, codes, k, nch, a, ablk0, bsh, out, d);
                 else
-                    deq4_chunks_avx2(tab, codes, k, nch, a, ablk0, bs, out, d);
+                    deq4_chunks_avx2(tab, codes, k, nch, a, ablk0, bsh, out, d);
             } else {
                 /* deq4_scalar indexes a[] from k's block: pass the shifted base */
-                deq4_scalar(tab, codes, k, nch * 32, a + (k / bs - ablk0), bs, out, d, &cnt);
+                deq4_scalar(tab, codes, k, nch * 32, a + ((k >> bsh) - ablk0), bs, out, d, &cnt);
             }
             k += nch * 32;
         }
         if (k < end)
-            deq4_scalar(tab, codes, k, end - k, a + (k / bs - ablk0), bs, out,
+            deq4_scalar(tab, codes, k, end - k, a + ((k >> bsh) - ablk0), bs, out,
                         (uint8_t *)dst + (k - k0) * osz, &cnt);
     }
 #else

@@ -254,13 +254,13 @@ int dq_qstate_scales_raw(const struct dq_qstate *q, uint64_t b0, uint64_t n, flo
     const uint8_t *nmap = dq_tensor_bytes(q->nested_quant_map);
     const uint8_t *nabs = dq_tensor_bytes(q->nested_absmax);
     const float off = q->nested_offset;
-    const uint32_t nbs = q->nested_blocksize;
+    const unsigned nsh = (unsigned)__builtin_ctz(q->nested_blocksize); /* a power of two */
     for (uint64_t i = 0; i < n; i++) {
         uint64_t b = b0 + i;
         /* Two fp32 roundings, as bitsandbytes: the 8-bit dequant writes the
          * product, then `absmax += offset` (the build uses -ffp-contract=off,
          * so this never becomes an FMA). */
-        float prod = load_f32(nmap + 4 * codes[i]) * load_f32(nabs + 4 * (b / nbs));
+        float prod = load_f32(nmap + 4 * codes[i]) * load_f32(nabs + 4 * (b >> nsh));
         a[i] = prod + off;
         if (!isfinite(a[i]))
             goto bad;
