@@ -17,6 +17,7 @@ tokens (n > sliding_window so the window matters), for decode steps with
 transformers' KV cache, and the greedy ids of both; exit 1 when above tol.
 """
 import argparse
+import json
 import pathlib
 import subprocess
 import sys
@@ -69,8 +70,6 @@ def main(argv=None):
     ids = np.random.default_rng(a.seed).integers(0, vocab, size=a.n)
 
     # transformers wants a plain config: drop any quantization block.
-    import json
-    import shutil
     with tempfile.TemporaryDirectory() as td:
         cfg = json.loads((model_dir / "config.json").read_text())
         cfg.pop("quantization_config", None)
@@ -96,7 +95,6 @@ def main(argv=None):
                 past = o.past_key_values
                 tf_steps.append(o.logits[0, -1].float().numpy())
                 nxt = int(tf_steps[-1].argmax())
-    del shutil
 
     ref_logits = ref.forward(ids)
     ref.reset()
