@@ -1,0 +1,669 @@
+/* dequant.cu — CUDA kernels for the mount's output bytes: 4-bit NF4/FP4 ->
+ * F16/BF16/F32 as a flat element range (COPY/STACK) or as rows of the
+ * transposed expert-fused layout (FUSE_T), and plain float conversion.
+ * Each op has three layers (ggml style): a static kernel, a launcher taking
+ * raw pointers and an explicit stream, and the public kn_* entry that checks
+ * its arguments (kernels.h).
+ *
+ * Not here: staging, streams and buffers (kn_ctx.c), LLM kernels (llm*.cu).
+ *
+ * Invariant (the point of this file): every value is bit-identical to the
+ * CPU reference in dequant/deq4.c and qstate.c:
+ *   scale  a = f32(f32(nested_map[u8] * nested_absmax[b / nbs]) + offset)
+ *   value  v = f32(table[nibble] * a), rounded once to nearest even,
+ * with the products and the sum written as __fmul_rn/__fadd_rn so nvcc can
+ * never contract them into an FMA, and with the CPU's treatment of
+ * saturation (finite overflow -> largest finite, counted) and NaN payloads.
+ * Do not build this file with --use_fast_math (it would flush subnormals).
+ */
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <errno.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <string.h>
+
+#include "kn_internal.h"
+
+/* ------------------------------------------------------------ errors */
+
+extern "C" int kn_cuda_fail(const char *call, cudaError_t err, const char *file, int line)
+{
+    dq_log(DQ_LOG_ERROR, KN_TAG, "%s failed: %s (%s) at %s:%d", call, cudaGetErrorName(err),
+           cudaGetErrorString(err), file, line);
+    return -EIO;
+}
+
+namespace {
+
+/* ---------------------------------------------------- output rounding */
+
+enum : int { OUT_F16 = 0, OUT_BF16 = 1, OUT_F32 = 2 };
+
+template <int OUT> struct out_t { typedef uint16_t type; };
+template <> struct out_t<OUT_F32> { typedef float type; };
+
+/* f32 -> F16 bits exactly as deq4.c's f32_to_f16: NaN keeps sign and top
+ * payload bits (quieted), values that would round to inf saturate. */
+__device__ __forceinline__ uint16_t to_f16(float f, unsigned &sat)
+{
+    uint32_t x = __float_as_uint(f), ax = x & 0x7fffffffu;
+    uint16_t sign = (uint16_t)((x >> 16) & 0x8000u);
+    if (ax >= 0x477ff000u) { /* >= 65520: inf/NaN, or rounds past 65504 */
+        if (ax > 0x7f800000u)
+            return (uint16_t)(sign | 0x7e00u | ((ax >> 13) & 0x3ffu));
+        if (ax == 0x7f800000u)
+            return (uint16_t)(sign | 0x7c00u);
+        sat++;
+        return (uint16_t)(sign | 0x7bffu);
+    }
+    return __half_as_ushort(__float2half_rn(f));
+}
+
+/* f32 -> BF16 bits exactly as deq4.c's f32_to_bf16. */
+__device__ __forceinline__ uint16_t to_bf16(float f, unsigned &sat)
+{
+    uint32_t x = __float_as_uint(f), ax = x & 0x7fffffffu;
+    if (ax >= 0x7f7f8000u) {
+        if (ax > 0x7f800000u)
+            return (uint16_t)((x >> 16) | 0x40u);
+        if (ax == 0x7f800000u)
+            return (uint16_t)(x >> 16);
+        sat++;
+        return (uint16_t)(((x >> 16) & 0x8000u) | 0x7f7fu);
+    }
+    return __bfloat16_as_ushort(__float2bfloat16_rn(f));
+}
+
+template <int OUT>
+__device__ __forceinline__ typename out_t<OUT>::type round_out(float v, unsigned &sat)
+{
+    if constexpr (OUT == OUT_F16)
+        return to_f16(v, sat);
+    else if constexpr (OUT == OUT_BF16)
+        return to_bf16(v, sat);
+    else
+        return v;
+}
+
+/* ---------------------------------------------------------- 4-bit data */
+
+/* Kernel-side copy of struct kn_q4 (by value, in the parameter bank). */
+struct q4p {
+    const uint8_t *codes;
+    uint64_t code_base;
+    const void *absmax;
+    uint64_t absmax_base;
+    const float *nabs;
+    uint64_t nbase;
+    const float *nmap;
+    float noff;
+    uint32_t lbs;   /* log2 blocksize */
+    uint32_t lnbs;  /* log2 nested blocksize */
+    int nested;
+    float table[16];
+};
+
+__device__ __forceinline__ void report_bad(kn_counters *cnt, uint64_t b)
+{
+    atomicAdd(&cnt->bad_scales, 1ull);
+    atomicMin(&cnt->first_bad, (unsigned long long)b);
+}
+
+/* Scale of block b (formats.md §2); flags a non-finite one. */
+__device__ __forceinline__ float scale_of(const q4p &q, uint64_t b, kn_counters *cnt)
+{
+    float a;
+    if (q.nested) {
+        unsigned u = __ldg((const uint8_t *)q.absmax + (b - q.absmax_base));
+        float m = __ldg(q.nmap + u);
+        float na = __ldg(q.nabs + ((b >> q.lnbs) - q.nbase));
+        a = __fadd_rn(__fmul_rn(m, na), q.noff);
+    } else {
+        a = __ldg((const float *)q.absmax + (b - q.absmax_base));
+    }
+    if (!isfinite(a))
+        report_bad(cnt, b);
+    return a;
+}
+
+/* Nibble i (0..31) of a 16-byte group: byte i/2, high nibble first. */
+__device__ __forceinline__ unsigned nib32(const uint4 &v, int i)
+{
+    uint32_t w = (i < 8) ? v.x : (i < 16) ? v.y : (i < 24) ? v.z : v.w;
+    int byte = (i >> 1) & 3;
+    return (w >> (8 * byte + ((i & 1) ? 0 : 4))) & 0xfu;
+}
+
+__device__ __forceinline__ uint4 load16_guarded(const uint8_t *p, uint64_t off, uint64_t end)
+{
+    if (off + 16 <= end)
+        return __ldg((const uint4 *)(p + off));
+    uint32_t w[4] = {0, 0, 0, 0};
+#pragma unroll
+    for (int i = 0; i < 16; i++)
+        if (off + i < end)
+            w[i >> 2] |= (uint32_t)__ldg(p + off + i) << (8 * (i & 3));
+    return make_uint4(w[0], w[1], w[2], w[3]);
+}
+
+/* Packs VEC rounded values into one 16-byte word. */
+template <int OUT, int VEC>
+__device__ __forceinline__ uint4 pack16(const typename out_t<OUT>::type (&o)[VEC])
+{
+    uint4 r;
+    if constexpr (OUT == OUT_F32) {
+        r.x = __float_as_uint(o[0]), r.y = __float_as_uint(o[1]);
+        r.z = __float_as_uint(o[2]), r.w = __float_as_uint(o[3]);
+    } else {
+        r.x = o[0] | ((uint32_t)o[1] << 16), r.y = o[2] | ((uint32_t)o[3] << 16);
+        r.z = o[4] | ((uint32_t)o[5] << 16), r.w = o[6] | ((uint32_t)o[7] << 16);
+    }
+    return r;
+}
+
+/* ------------------------------------------------------- flat: kernels */
+
+constexpr int FLAT_THREADS = 128;
+constexpr int FLAT_TILE = FLAT_THREADS * 32;          /* elements per tile (one 16 B load each) */
+constexpr int FLAT_MAXBLK = FLAT_TILE / 32 + 2;       /* blocks a tile can touch */
+
+/* Fast path: k0 even, codes of k0 and dst 16-byte aligned. One tile of 4096
+ * elements per iteration: 16-byte coalesced loads of the codes into shared
+ * memory, the tile's block scales computed once into shared memory, then
+ * 16-byte coalesced stores of VEC outputs per thread and step. */
+template <int OUT>
+__global__ void __launch_bounds__(FLAT_THREADS)
+k_deq4_flat(q4p q, uint64_t k0, uint64_t n, void *dst, kn_counters *cnt)
+{
+    typedef typename out_t<OUT>::type T;
+    constexpr int VEC = 16 / sizeof(T);                      /* outputs per 16 B store */
+    constexpr int STEPS = FLAT_TILE / VEC / FLAT_THREADS;    /* stores per thread per tile */
+    __shared__ float tab[16];
+    __shared__ uint4 sc[FLAT_THREADS];
+    __shared__ float sa[FLAT_MAXBLK];
+    const int t = threadIdx.x;
+    if (t < 16)
+        tab[t] = q.table[t];
+    const uint8_t *codes = q.codes + ((k0 - q.code_base) >> 1);
+    const uint64_t nbytes = (n + 1) >> 1;
+    const uint64_t ntiles = (n + FLAT_TILE - 1) / FLAT_TILE;
+    unsigned sat = 0;
+    for (uint64_t tile = blockIdx.x; tile < ntiles; tile += gridDim.x) {
+        const uint64_t i0 = tile * FLAT_TILE;
+        const uint64_t iend = i0 + FLAT_TILE < n ? i0 + FLAT_TILE : n;
+        sc[t] = load16_guarded(codes, i0 / 2 + (uint64_t)t * 16, nbytes);
+        const uint64_t b0 = (k0 + i0) >> q.lbs, b1 = (k0 + iend - 1) >> q.lbs;
+        for (uint64_t b = b0 + t; b <= b1; b += FLAT_THREADS)
+            sa[b - b0] = scale_of(q, b, cnt);
+        __syncthreads();
+#pragma unroll
+        for (int j = 0; j < STEPS; j++) {
+            const int ch = j * FLAT_THREADS + t;             /* chunk of VEC elements in the tile */
+            const uint64_t i = i0 + (uint64_t)ch * VEC;
+            if (i >= iend)
+                break;
+            uint32_t w = VEC == 8 ? ((const uint32_t *)sc)[ch] : ((const uint16_t *)sc)[ch];
+            T o[VEC];
+#pragma unroll
+            for (int e = 0; e < VEC; e++) {
+                const int byte = e >> 1;
+                const unsigned nb = (w >> (8 * byte + ((e & 1) ? 0 : 4))) & 0xfu;
+                const float a = sa[((k0 + i + e) >> q.lbs) - b0];
+                o[e] = round_out<OUT>(__fmul_rn(tab[nb], a), sat);
+            }
+            T *d = (T *)dst + i;
+            if (i + VEC <= iend) {
+                *(uint4 *)d = pack16<OUT, VEC>(o);
+            } else {
+                for (int e = 0; e < VEC && i + e < iend; e++)
+                    d[e] = o[e];
+            }
+        }
+        __syncthreads();
+    }
+    if (sat)
+        atomicAdd(&cnt->saturated, (unsigned long long)sat);
+}
+
+/* Any alignment (k0 odd, unaligned pointers): one element per thread. */
+template <int OUT>
+__global__ void __launch_bounds__(256)
+k_deq4_flat_any(q4p q, uint64_t k0, uint64_t n, void *dst, kn_counters *cnt)
+{
+    typedef typename out_t<OUT>::type T;
+    __shared__ float tab[16];
+    if (threadIdx.x < 16)
+        tab[threadIdx.x] = q.table[threadIdx.x];
+    __syncthreads();
+    unsigned sat = 0;
+    for (uint64_t i = (uint64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+         i += (uint64_t)gridDim.x * blockDim.x) {
+        const uint64_t k = k0 + i;
+        const uint8_t byte = __ldg(q.codes + ((k - q.code_base) >> 1));
+        const unsigned nb = (k & 1) ? (byte & 0xfu) : (byte >> 4);
+        const float a = scale_of(q, k >> q.lbs, cnt);
+        ((T *)dst)[i] = round_out<OUT>(__fmul_rn(tab[nb], a), sat);
+    }
+    if (sat)
+        atomicAdd(&cnt->saturated, (unsigned long long)sat);
+}
+
+/* ----------------------------------------------------- FUSE_T: kernel */
+
+constexpr int FT_THREADS = 128;
+constexpr int FT_TR = 64;   /* output rows r per tile (source columns) */
+constexpr int FT_TC = 64;   /* output columns c per tile (source rows) */
+
+struct fusep {
+    uint64_t C, R, rb, re, pitch, r0, r1;
+    uint64_t tiles_y;       /* row tiles from rb to r1 */
+    int fast;               /* 16-byte aligned 32-element groups (see kn_deq4_fuse_t) */
+    int vstore;             /* 16-byte stores (dst aligned, C % VEC == 0) */
+};
+
+/* One 64 (r) x 64 (c) output tile per iteration. Load phase: thread t takes
+ * source row c = ct + t % 64 and the 32-element group h = t / 64 of the
+ * tile's 64 source columns: one 16-byte load (the group is one block, as
+ * blocks are >= 32 and groups 32-aligned), 32 values written transposed into
+ * shared memory (a warp writes 32 consecutive c of one r: no bank
+ * conflicts). Store phase: each warp writes 512 consecutive bytes of the
+ * tile's output rows with 16-byte stores. */
+template <int OUT>
+__global__ void __launch_bounds__(FT_THREADS)
+k_deq4_fuse_t(q4p q, fusep f, void *dst, kn_counters *cnt)
+{
+    typedef typename out_t<OUT>::type T;
+    constexpr int VEC = 16 / sizeof(T);
+    constexpr int CPR = FT_TC / VEC;                         /* 16-byte chunks per tile row */
+    constexpr int STEPS = FT_TR * CPR / FT_THREADS;
+    __shared__ float tab[16];
+    __shared__ __align__(16) T tile[FT_TR][FT_TC];
+    const int t = threadIdx.x;
+    if (t < 16)
+        tab[t] = q.table[t];
+    __syncthreads();
+    unsigned sat = 0;
+    const int cl = t % FT_TC, h = t / FT_TC;
+    const uint64_t ct = (uint64_t)blockIdx.x * FT_TC;
+    const uint64_t c = ct + cl;
+    for (uint64_t ty = blockIdx.y; ty < f.tiles_y; ty += gridDim.y) {
+        const uint64_t rt = f.rb + ty * FT_TR;
+        /* ---- load: source row c, columns [g, g+32) -> tile[g - rt + i][cl] */
+        for (int hh = h; hh < FT_TR / 32; hh += FT_THREADS / FT_TC) {
+            const uint64_t g = rt + 32 * (uint64_t)hh;
+            if (c >= f.C || g >= f.r1 || g >= f.re || g + 32 <= f.r0)
+                continue;
+            const uint64_t kc = c * f.R;                      /* flat index of (c, 0) */
+            const uint64_t rowbyte = c * f.pitch - ((kc + f.rb) >> 1);
+            if (f.fast && g + 32 <= f.re) {
+                const uint4 v = __ldg((const uint4 *)(q.codes + c * f.pitch + ((g - f.rb) >> 1)));
+                const float a = scale_of(q, (kc + g) >> q.lbs, cnt);
+#pragma unroll
+                for (int i = 0; i < 32; i++)
+                    tile[32 * hh + i][cl] = round_out<OUT>(__fmul_rn(tab[nib32(v, i)], a), sat);
+            } else {
+                uint64_t lastb = ~0ull;
+                float a = 0.0f;
+                for (int i = 0; i < 32 && g + i < f.re; i++) {
+                    const uint64_t k = kc + g + i;
+                    const uint8_t byte = __ldg(q.codes + rowbyte + (k >> 1));
+                    const unsigned nb = (k & 1) ? (byte & 0xfu) : (byte >> 4);
+                    if ((k >> q.lbs) != lastb) {
+                        lastb = k >> q.lbs;
+                        a = scale_of(q, lastb, cnt);
+                    }
+                    tile[32 * hh + i][cl] = round_out<OUT>(__fmul_rn(tab[nb], a), sat);
+                }
+            }
+        }
+        __syncthreads();
+        /* ---- store: tile rows r in [r0, r1), columns c < C */
+#pragma unroll 2
+        for (int j = 0; j < STEPS; j++) {
+            const int ch = j * FT_THREADS + t;
+            const int rl = ch / CPR, cc = (ch % CPR) * VEC;
+            const uint64_t r = rt + rl, c0 = ct + cc;
+            if (r < f.r0 || r >= f.r1 || c0 >= f.C)
+                continue;
+            T *d = (T *)dst + (r - f.r0) * f.C + c0;
+            if (f.vstore && c0 + VEC <= f.C) {
+                *(uint4 *)d = *(const uint4 *)&tile[rl][cc];
+            } else {
+                for (int e = 0; e < VEC && c0 + e < f.C; e++)
+                    d[e] = tile[rl][cc + e];
+            }
+        }
+        __syncthreads();
+    }
+    if (sat)
+        atomicAdd(&cnt->saturated, (unsigned long long)sat);
+}
+
+/* ---------------------------------------------------- plain conversion */
+
+enum : int { IN_F16 = 0, IN_BF16 = 1, IN_F32 = 2, IN_F64 = 3 };
+
+template <int IN> struct in_t;
+template <> struct in_t<IN_F16> { typedef uint16_t type; };
+template <> struct in_t<IN_BF16> { typedef uint16_t type; };
+template <> struct in_t<IN_F32> { typedef float type; };
+template <> struct in_t<IN_F64> { typedef double type; };
+
+/* deq4.c's f16_to_f32: exact; NaN payload shifted, not quieted. */
+__device__ __forceinline__ float f16_to_f32(uint16_t h)
+{
+    if ((h & 0x7c00u) == 0x7c00u)
+        return __uint_as_float(((uint32_t)(h & 0x8000u) << 16) | 0x7f800000u |
+                               ((uint32_t)(h & 0x3ffu) << 13));
+    return __half2float(__ushort_as_half(h));
+}
+
+/* deq4.c's f64_to_f32_odd: round to odd (so the later rounding to F16/BF16
+ * is a single correct rounding), or RNE when the output is F32; finite
+ * values beyond FLT_MAX become FLT_MAX (counted only for F32 output). */
+__device__ __forceinline__ float f64_to_f32(double d, bool f32_out, unsigned &sat)
+{
+    const uint64_t u = (uint64_t)__double_as_longlong(d);
+    const uint64_t au = u & 0x7fffffffffffffffull;
+    const uint32_t sign = (uint32_t)(u >> 32) & 0x80000000u;
+    if (au >= 0x7ff0000000000000ull) {
+        if (au == 0x7ff0000000000000ull)
+            return __uint_as_float(sign | 0x7f800000u);
+        /* x86 cvtsd2ss: quiet, keep the top 23 payload bits */
+        return __uint_as_float(sign | 0x7fc00000u | (uint32_t)((au >> 29) & 0x7fffffu));
+    }
+    if (fabs(d) > 3.4028234663852886e38) {
+        if (f32_out)
+            sat++;
+        return __uint_as_float(sign | 0x7f7fffffu);
+    }
+    if (f32_out)
+        return __double2float_rn(d);
+    float f = __double2float_rz(d);
+    if ((double)f != d)
+        f = __uint_as_float(__float_as_uint(f) | 1u);
+    return f;
+}
+
+template <int IN, int OUT>
+__device__ __forceinline__ float load_in(const typename in_t<IN>::type x, unsigned &sat)
+{
+    if constexpr (IN == IN_F16)
+        return f16_to_f32(x);
+    else if constexpr (IN == IN_BF16)
+        return __uint_as_float((uint32_t)x << 16);
+    else if constexpr (IN == IN_F32)
+        return x;
+    else
+        return f64_to_f32(x, OUT == OUT_F32, sat);
+}
+
+constexpr int CV_THREADS = 256;
+constexpr int CV_VEC = 8;   /* elements per thread and step */
+
+/* 8 elements per thread and step; 16-byte loads and stores when src and
+ * dst are 16-byte aligned (vec), element by element otherwise and in the
+ * tail. */
+template <int IN, int OUT>
+__global__ void __launch_bounds__(CV_THREADS)
+k_convert(const void *src, uint64_t n, void *dst, int vec, kn_counters *cnt)
+{
+    typedef typename in_t<IN>::type I;
+    typedef typename out_t<OUT>::type T;
+    constexpr int OVEC = 16 / sizeof(T);
+    constexpr int IVEC = 16 / sizeof(I);
+    unsigned sat = 0;
+    const uint64_t nch = (n + CV_VEC - 1) / CV_VEC;
+    for (uint64_t ch = (uint64_t)blockIdx.x * CV_THREADS + threadIdx.x; ch < nch;
+         ch += (uint64_t)gridDim.x * CV_THREADS) {
+        const uint64_t i0 = ch * CV_VEC;
+        if (vec && i0 + CV_VEC <= n) {
+            union { uint4 v[CV_VEC / IVEC]; I e[CV_VEC]; } x;
+            union { uint4 v[CV_VEC / OVEC]; T e[CV_VEC]; } o;
+#pragma unroll
+            for (int k = 0; k < CV_VEC / IVEC; k++)
+                x.v[k] = __ldg((const uint4 *)((const I *)src + i0) + k);
+#pragma unroll
+            for (int k = 0; k < CV_VEC; k++)
+                o.e[k] = round_out<OUT>(load_in<IN, OUT>(x.e[k], sat), sat);
+#pragma unroll
+            for (int k = 0; k < CV_VEC / OVEC; k++)
+                ((uint4 *)((T *)dst + i0))[k] = o.v[k];
+        } else {
+            for (uint64_t i = i0; i < i0 + CV_VEC && i < n; i++)
+                ((T *)dst)[i] = round_out<OUT>(load_in<IN, OUT>(((const I *)src)[i], sat), sat);
+        }
+    }
+    if (sat)
+        atomicAdd(&cnt->saturated, (unsigned long long)sat);
+}
+
+/* ---------------------------------------------------------- launchers */
+
+unsigned grid_for(uint64_t items, unsigned per_block)
+{
+    uint64_t g = (items + per_block - 1) / per_block;
+    const uint64_t cap = 1u << 20;   /* grid-stride loops take the rest */
+    return (unsigned)(g == 0 ? 1 : g < cap ? g : cap);
+}
+
+bool aligned16(const void *p) { return ((uintptr_t)p & 15u) == 0; }
+
+int out_index(enum dq_dtype out)
+{
+    return out == DQ_F16 ? OUT_F16 : out == DQ_BF16 ? OUT_BF16 : out == DQ_F32 ? OUT_F32 : -1;
+}
+
+int in_index(enum dq_dtype in)
+{
+    return in == DQ_F16 ? IN_F16 : in == DQ_BF16 ? IN_BF16 : in == DQ_F32 ? IN_F32
+         : in == DQ_F64 ? IN_F64 : -1;
+}
+
+int launch_deq4_flat(const q4p &p, uint64_t k0, uint64_t n, int out, void *dst, kn_counters *cnt,
+                     cudaStream_t st)
+{
+    const uint8_t *first = p.codes + ((k0 - p.code_base) >> 1);
+    const bool fast = (k0 & 1) == 0 && aligned16(first) && aligned16(dst);
+    if (fast) {
+        const unsigned g = grid_for(n, FLAT_TILE);
+        if (out == OUT_F16)
+            k_deq4_flat<OUT_F16><<<g, FLAT_THREADS, 0, st>>>(p, k0, n, dst, cnt);
+        else if (out == OUT_BF16)
+            k_deq4_flat<OUT_BF16><<<g, FLAT_THREADS, 0, st>>>(p, k0, n, dst, cnt);
+        else
+            k_deq4_flat<OUT_F32><<<g, FLAT_THREADS, 0, st>>>(p, k0, n, dst, cnt);
+    } else {
+        const unsigned g = grid_for(n, 256);
+        if (out == OUT_F16)
+            k_deq4_flat_any<OUT_F16><<<g, 256, 0, st>>>(p, k0, n, dst, cnt);
+        else if (out == OUT_BF16)
+            k_deq4_flat_any<OUT_BF16><<<g, 256, 0, st>>>(p, k0, n, dst, cnt);
+        else
+            k_deq4_flat_any<OUT_F32><<<g, 256, 0, st>>>(p, k0, n, dst, cnt);
+    }
+    KN_CUDA(cudaGetLastError());
+    return 0;
+}
+
+int launch_deq4_fuse_t(const q4p &p, const fusep &f, int out, void *dst, kn_counters *cnt,
+                       cudaStream_t st)
+{
+    const uint64_t gx = (f.C + FT_TC - 1) / FT_TC;
+    const uint64_t gy = f.tiles_y < 65535 ? f.tiles_y : 65535;
+    if (gx > 0x7fffffffu)
+        return -EINVAL;
+    const dim3 grid((unsigned)gx, (unsigned)gy);
+    if (out == OUT_F16)
+        k_deq4_fuse_t<OUT_F16><<<grid, FT_THREADS, 0, st>>>(p, f, dst, cnt);
+    else if (out == OUT_BF16)
+        k_deq4_fuse_t<OUT_BF16><<<grid, FT_THREADS, 0, st>>>(p, f, dst, cnt);
+    else
+        k_deq4_fuse_t<OUT_F32><<<grid, FT_THREADS, 0, st>>>(p, f, dst, cnt);
+    KN_CUDA(cudaGetLastError());
+    return 0;
+}
+
+template <int IN>
+void launch_convert_in(const void *src, uint64_t n, int out, void *dst, int vec, kn_counters *cnt,
+                       cudaStream_t st)
+{
+    const unsigned g = grid_for((n + CV_VEC - 1) / CV_VEC, CV_THREADS);
+    if (out == OUT_F16)
+        k_convert<IN, OUT_F16><<<g, CV_THREADS, 0, st>>>(src, n, dst, vec, cnt);
+    else if (out == OUT_BF16)
+        k_convert<IN, OUT_BF16><<<g, CV_THREADS, 0, st>>>(src, n, dst, vec, cnt);
+    else
+        k_convert<IN, OUT_F32><<<g, CV_THREADS, 0, st>>>(src, n, dst, vec, cnt);
+}
+
+int launch_convert(int in, const void *src, uint64_t n, int out, void *dst, kn_counters *cnt,
+                   cudaStream_t st)
+{
+    const int vec = aligned16(src) && aligned16(dst);
+    switch (in) {
+    case IN_F16: launch_convert_in<IN_F16>(src, n, out, dst, vec, cnt, st); break;
+    case IN_BF16: launch_convert_in<IN_BF16>(src, n, out, dst, vec, cnt, st); break;
+    case IN_F32: launch_convert_in<IN_F32>(src, n, out, dst, vec, cnt, st); break;
+    default: launch_convert_in<IN_F64>(src, n, out, dst, vec, cnt, st); break;
+    }
+    KN_CUDA(cudaGetLastError());
+    return 0;
+}
+
+/* ----------------------------------------------------- argument checks */
+
+bool pow2_in(uint32_t v, uint32_t lo, uint32_t hi)
+{
+    return v >= lo && v <= hi && (v & (v - 1)) == 0;
+}
+
+uint32_t log2u(uint32_t v) { return 31u - (uint32_t)__builtin_clz(v); }
+
+int make_q4p(const kn_q4 *q, q4p *p, const char *op)
+{
+    if (!q || (q->qtype != DQ_NF4 && q->qtype != DQ_FP4) || !pow2_in(q->blocksize, 32, 4096) ||
+        !q->codes || !q->absmax ||
+        (q->nested && (!pow2_in(q->nested_blocksize, 32, 4096) || !q->nested_absmax ||
+                       !q->nested_map))) {
+        dq_log(DQ_LOG_ERROR, KN_TAG, "%s: invalid 4-bit description (qtype, blocksize 32..4096, "
+               "codes/absmax/nested pointers)", op);
+        return -EINVAL;
+    }
+    memset(p, 0, sizeof *p);
+    p->codes = q->codes;
+    p->code_base = q->code_base;
+    p->absmax = q->absmax;
+    p->absmax_base = q->absmax_base;
+    p->nested = q->nested;
+    p->lbs = log2u(q->blocksize);
+    if (q->nested) {
+        p->nabs = q->nested_absmax;
+        p->nbase = q->nested_base;
+        p->nmap = q->nested_map;
+        p->noff = q->nested_offset;
+        p->lnbs = log2u(q->nested_blocksize);
+    }
+    memcpy(p->table, q->qtype == DQ_NF4 ? dq_nf4_table : dq_fp4_table, sizeof p->table);
+    return 0;
+}
+
+} /* namespace */
+
+/* ------------------------------------------------------- public entries */
+
+extern "C" int kn_device_count(int *n, char *why, size_t whylen)
+{
+    int c = 0;
+    cudaError_t e = cudaGetDeviceCount(&c);
+    if (e != cudaSuccess) {
+        (void)cudaGetLastError(); /* clear the sticky "no device" state */
+        c = 0;
+        if (why && whylen)
+            snprintf(why, whylen, "cudaGetDeviceCount: %s", cudaGetErrorString(e));
+    } else if (c == 0 && why && whylen) {
+        snprintf(why, whylen, "cudaGetDeviceCount: no device");
+    }
+    *n = c;
+    return 0;
+}
+
+extern "C" int kn_counters_reset(kn_counters *c, kn_stream st)
+{
+    if (!c)
+        return -EINVAL;
+    KN_CUDA(cudaMemsetAsync(c, 0, offsetof(kn_counters, first_bad), st));
+    KN_CUDA(cudaMemsetAsync(&c->first_bad, 0xff, sizeof c->first_bad, st));
+    return 0;
+}
+
+extern "C" int kn_deq4_flat(const kn_q4 *q, uint64_t k0, uint64_t n, enum dq_dtype out, void *dst,
+                            kn_counters *cnt, kn_stream st)
+{
+    q4p p;
+    int rc = make_q4p(q, &p, "kn_deq4_flat");
+    if (rc)
+        return rc;
+    const int oi = out_index(out);
+    if (oi < 0 || !dst || !cnt || (q->code_base & 1) || k0 < q->code_base ||
+        (k0 >> p.lbs) < q->absmax_base || n > UINT64_MAX / 4 - k0) {
+        dq_log(DQ_LOG_ERROR, KN_TAG, "kn_deq4_flat: invalid arguments (output dtype %s, k0 %llu, "
+               "code_base %llu)", dq_dtype_name(out), (unsigned long long)k0,
+               (unsigned long long)q->code_base);
+        return -EINVAL;
+    }
+    if (n == 0)
+        return 0;
+    return launch_deq4_flat(p, k0, n, oi, dst, cnt, st);
+}
+
+extern "C" int kn_deq4_fuse_t(const kn_q4 *q, uint64_t C, uint64_t R, uint64_t rb, uint64_t re,
+                              uint64_t pitch, uint64_t r0, uint64_t r1, enum dq_dtype out,
+                              void *dst, kn_counters *cnt, kn_stream st)
+{
+    q4p p;
+    int rc = make_q4p(q, &p, "kn_deq4_fuse_t");
+    if (rc)
+        return rc;
+    const int oi = out_index(out);
+    uint64_t numel;
+    if (oi < 0 || !dst || !cnt || C == 0 || R == 0 || __builtin_mul_overflow(C, R, &numel) ||
+        numel > UINT64_MAX / 4 || !(rb <= r0 && r0 < r1 && r1 <= re && re <= R) ||
+        pitch < ((R % 2 == 0 && rb % 2 == 0) ? (re - rb + 1) / 2 : (re - rb) / 2 + 1) ||
+        (rb >> p.lbs) < q->absmax_base) {
+        dq_log(DQ_LOG_ERROR, KN_TAG, "kn_deq4_fuse_t: invalid arguments (output dtype %s, C %llu, "
+               "R %llu, band [%llu, %llu) pitch %llu, rows [%llu, %llu))", dq_dtype_name(out),
+               (unsigned long long)C, (unsigned long long)R, (unsigned long long)rb,
+               (unsigned long long)re, (unsigned long long)pitch, (unsigned long long)r0,
+               (unsigned long long)r1);
+        return -EINVAL;
+    }
+    fusep f;
+    f.C = C, f.R = R, f.rb = rb, f.re = re, f.pitch = pitch, f.r0 = r0, f.r1 = r1;
+    f.tiles_y = (r1 - rb + FT_TR - 1) / FT_TR;
+    f.fast = R % 32 == 0 && rb % 32 == 0 && pitch % 16 == 0 && aligned16(q->codes);
+    const uint64_t vec = out == DQ_F32 ? 4 : 8;
+    f.vstore = aligned16(dst) && C % vec == 0;
+    return launch_deq4_fuse_t(p, f, oi, dst, cnt, st);
+}
+
+extern "C" int kn_convert(enum dq_dtype in, const void *src, uint64_t n, enum dq_dtype out,
+                          void *dst, kn_counters *cnt, kn_stream st)
+{
+    const int ii = in_index(in), oi = out_index(out);
+    if (ii < 0 || oi < 0 || !src || !dst || !cnt || n > UINT64_MAX / 8) {
+        dq_log(DQ_LOG_ERROR, KN_TAG, "kn_convert: invalid arguments (%s -> %s)",
+               dq_dtype_name(in), dq_dtype_name(out));
+        return -EINVAL;
+    }
+    if (n == 0)
+        return 0;
+    if (in == out) {
+        KN_CUDA(cudaMemcpyAsync(dst, src, n * dq_dtype_size(in), cudaMemcpyDeviceToDevice, st));
+        return 0;
+    }
+    return launch_convert(ii, src, n, oi, dst, cnt, st);
+}
