@@ -452,3 +452,87 @@ void dq_convert(enum dq_dtype in, const void *src, uint64_t n, enum dq_dtype out
     if (sat)
         sat->count += cnt;
 }
+
+/* ------------------------------------------- per-element scales (FUSE_T) */
+
+/* out[i] = table[codes[i]] * scales[i], codes one per byte (0..15). Used by
+ * the fused-transpose fast path, where consecutive outputs come from
+ * different source rows and so from different blocks. */
+static void deq_scaled_scalar(const float *tab, const uint8_t *codes, const float *sc, size_t n,
+                              enum dq_dtype out, void *dst, uint64_t *sat)
+{
+    for (size_t i = 0; i < n; i++)
+        store_one(out, dst, i, tab[codes[i] & 15] * sc[i], sat);
+}
+
+#ifdef DQ_X86
+__attribute__((target("avx512f,avx512bw,avx512vl,f16c")))
+static size_t deq_scaled_avx512(const float *tab, const uint8_t *codes, const float *sc, size_t n,
+                                enum dq_dtype out, void *dst)
+{
+    const __m512 t = _mm512_loadu_ps(tab);
+    const __m512i one = _mm512_set1_epi32(1), bias = _mm512_set1_epi32(0x7fff);
+    size_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        __m512i idx = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(codes + i)));
+        __m512 v = _mm512_mul_ps(_mm512_permutexvar_ps(idx, t), _mm512_loadu_ps(sc + i));
+        if (out == DQ_F16) {
+            _mm256_storeu_si256((__m256i *)((uint16_t *)dst + i),
+                                _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+        } else if (out == DQ_BF16) {
+            __m512i x = _mm512_castps_si512(v);
+            x = _mm512_add_epi32(x, _mm512_add_epi32(bias, _mm512_and_si512(_mm512_srli_epi32(x, 16), one)));
+            _mm256_storeu_si256((__m256i *)((uint16_t *)dst + i), _mm512_cvtepi32_epi16(_mm512_srli_epi32(x, 16)));
+        } else {
+            _mm512_storeu_ps((float *)dst + i, v);
+        }
+    }
+    return i;
+}
+
+__attribute__((target("avx2,f16c")))
+static size_t deq_scaled_avx2(const float *tab, const uint8_t *codes, const float *sc, size_t n,
+                              enum dq_dtype out, void *dst)
+{
+    const __m256 tlo = _mm256_loadu_ps(tab), thi = _mm256_loadu_ps(tab + 8);
+    size_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        __m256 v = _mm256_mul_ps(lut8_avx2(tlo, thi, _mm_loadl_epi64((const __m128i *)(codes + i))),
+                                 _mm256_loadu_ps(sc + i));
+        if (out == DQ_F16) {
+            _mm_storeu_si128((__m128i *)((uint16_t *)dst + i),
+                             _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+        } else if (out == DQ_BF16) {
+            __m256i r = bf16_round_avx2(v);
+            __m128i p = _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
+            _mm_storeu_si128((__m128i *)((uint16_t *)dst + i), p);
+        } else {
+            _mm256_storeu_ps((float *)dst + i, v);
+        }
+    }
+    return i;
+}
+#endif
+
+void dq_deq_codes_scaled(enum dq_qtype qt, const uint8_t *codes, const float *scales, size_t n,
+                         enum dq_dtype out, void *dst, bool may_saturate, struct dq_sat *sat)
+{
+    const float *tab = qt == DQ_NF4 ? dq_nf4_table : dq_fp4_table;
+    uint64_t cnt = 0;
+    size_t i = 0;
+#ifdef DQ_X86
+    /* Vector lanes cannot count saturations; callers say when no scale can
+     * overflow the output dtype. */
+    enum dq_simd simd = dq_simd_get();
+    if (!may_saturate && simd == DQ_SIMD_AVX512)
+        i = deq_scaled_avx512(tab, codes, scales, n, out, dst);
+    else if (!may_saturate && simd == DQ_SIMD_AVX2)
+        i = deq_scaled_avx2(tab, codes, scales, n, out, dst);
+#else
+    (void)may_saturate;
+#endif
+    deq_scaled_scalar(tab, codes + i, scales + i, n - i, out,
+                      (uint8_t *)dst + i * dq_dtype_size(out), &cnt);
+    if (sat)
+        sat->count += cnt;
+}

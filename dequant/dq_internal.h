@@ -11,6 +11,16 @@ int dq_qstate_check_map(const struct dq_qstate *q);
  * dq_guard. -EIO (logged) on a non-finite scale. */
 int dq_qstate_scales_raw(const struct dq_qstate *q, uint64_t b0, uint64_t n, float *a);
 
+/* Scales of the blocks b0, b0+stride, ..., (n of them) into a[]. Must run
+ * under dq_guard; -EIO (logged) on a non-finite scale. */
+int dq_qstate_scales_strided(const struct dq_qstate *q, uint64_t b0, uint64_t stride, uint64_t n,
+                             float *a);
+
+/* out[i] = table[codes[i]] * scales[i] for one code per byte; the vector
+ * paths run only when !may_saturate (no |scale| reaches the dtype's max). */
+void dq_deq_codes_scaled(enum dq_qtype qt, const uint8_t *codes, const float *scales, size_t n,
+                         enum dq_dtype out, void *dst, bool may_saturate, struct dq_sat *sat);
+
 /* Mapped bytes of a tensor (valid while its file is open). */
 static inline const uint8_t *dq_tensor_bytes(const struct dq_tensor *t)
 {

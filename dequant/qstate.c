@@ -272,6 +272,40 @@ bad:
     return -EIO;
 }
 
+int dq_qstate_scales_strided(const struct dq_qstate *q, uint64_t b0, uint64_t stride, uint64_t n,
+                             float *a)
+{
+    if (n == 0)
+        return 0;
+    if (b0 >= q->nblocks || (n - 1) > (q->nblocks - 1 - b0) / (stride ? stride : 1))
+        return -ERANGE;
+    const uint8_t *am = dq_tensor_bytes(q->absmax);
+    if (!q->nested) {
+        for (uint64_t i = 0; i < n; i++) {
+            a[i] = load_f32(am + 4 * (b0 + i * stride));
+            if (!isfinite(a[i]))
+                goto bad;
+        }
+        return 0;
+    }
+    const uint8_t *nmap = dq_tensor_bytes(q->nested_quant_map);
+    const uint8_t *nabs = dq_tensor_bytes(q->nested_absmax);
+    const float off = q->nested_offset;
+    const unsigned nsh = (unsigned)__builtin_ctz(q->nested_blocksize);
+    for (uint64_t i = 0; i < n; i++) {
+        uint64_t b = b0 + i * stride;
+        float prod = load_f32(nmap + 4 * am[b]) * load_f32(nabs + 4 * (b >> nsh));
+        a[i] = prod + off;
+        if (!isfinite(a[i]))
+            goto bad;
+    }
+    return 0;
+bad:
+    dq_log(DQ_LOG_ERROR, TAG, "%s: tensor '%s': non-finite scale near block %llu: corrupt",
+           q->absmax->file->path, q->absmax->name, (unsigned long long)b0);
+    return -EIO;
+}
+
 struct scales_args {
     const struct dq_qstate *q;
     uint64_t b0, n;

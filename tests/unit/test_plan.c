@@ -207,6 +207,11 @@ static void test_fused_awkward_shapes(void)
     check_fused(5, 33, 96, 32, 0, 1000);     /* tiny slices, no double quant */
     check_fused(1, 130, 129, 128, 32, 4096); /* blocks cross rows; many nested blocks */
     check_fused(7, 16, 600, 64, 256, 1 << 20); /* R above the band width */
+    /* codes-first fast path (R a multiple of the blocksize, even bands), with
+     * ragged 16x16 edges in both directions */
+    check_fused(3, 48, 128, 64, 256, 0);
+    check_fused(4, 37, 192, 64, 256, 3000);
+    check_fused(2, 100, 96, 32, 0, 2000);
 }
 
 /* One 4-bit weight in its own checkpoint for corruption tests. */
