@@ -123,6 +123,8 @@ struct rn_engine_stats {
     uint64_t expert_hits, expert_misses; /* 24 GB mode; 0/0 when fully resident */
     uint64_t bytes_moved;     /* host->device expert bytes since start */
     bool resident;            /* every weight on the GPU */
+    int expert_slots;         /* 24 GB mode: experts the GPU cache holds (0 when resident) */
+    uint64_t vram_bytes;      /* the engine's device allocation */
 };
 
 struct rn_engine;

@@ -1,0 +1,183 @@
+/* llm.h — CUDA kernels of the gpt-oss forward pass (bnbfs-run's engine).
+ *
+ * What this is: launchers taking raw device pointers and an explicit stream,
+ * one per fused step of the decode (one token) and prefill (n tokens) paths.
+ * What it is not: memory management, weight loading, cuBLAS GEMMs or the
+ * expert cache (runner/engine.c owns those). The math is formats.md §3.
+ *
+ * Conventions: every launcher returns 0 or -EIO (a launch error, logged with
+ * the kernel's name). Weights are IEEE fp16 (kn_half, 2 bytes), row-major
+ * with the shapes given; biases, norms, sinks and the residual stream are
+ * fp32; accumulation is fp32. All pointers are device pointers unless said.
+ * Dimensions that index 16-byte vectors (every K of a GEMV, every expert
+ * width) must be multiples of 8; the engine checks this once at load.
+ *
+ * Launches that end in a "last block" reduction use `counters` (device ints,
+ * zero before the first launch, left zero by every launch), so they are
+ * deterministic (a fixed summation order) and may be captured in a graph.
+ */
+#ifndef BNBFS_KERNELS_LLM_H
+#define BNBFS_KERNELS_LLM_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include <cuda_runtime_api.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef uint16_t kn_half;       /* IEEE binary16 bits */
+
+/* Per-step scalars the decode kernels read on the device, so one captured
+ * graph replays for every position. */
+struct kn_step {
+    int32_t id;                 /* token id */
+    int32_t pos;                /* its position (KV slot) */
+};
+
+/* Geometry shared by the attention kernels. */
+struct kn_attn_geom {
+    int nheads, nkv, head_dim;
+    int max_ctx;                /* KV cache positions per head */
+    int window;                 /* sliding window (keys q-window+1..q); 0 = full */
+    float scale;                /* score scale, 1/sqrt(head_dim) */
+};
+
+/* ------------------------------------------------------------ decode */
+
+/* x[H] (fp32) = embed[step->id] (fp16 row of [V, H]). */
+int kn_llm_embed_decode(const kn_half *embed, int H, const struct kn_step *step, float *x,
+                        cudaStream_t s);
+
+/* RMSNorm(x) then y = W q/k/v + bias with RoPE, for one position:
+ * W [(nh+2nkv)*hd, H] (q rows, then k, then v), bias [(nh+2nkv)*hd].
+ * q_out [nh*hd] fp32 (rotated); k (rotated) and v are stored as fp16 into
+ * kc/vc [nkv][max_ctx][hd] at step->pos. rope [max_ctx][hd/2] float2
+ * (cos, sin) with the YaRN attention factor already applied. */
+int kn_llm_qkv_decode(const float *x, const float *norm_w, float eps, const kn_half *W,
+                      const float *bias, int H, const struct kn_attn_geom *g,
+                      const float *rope, const struct kn_step *step, float *q_out,
+                      kn_half *kc, kn_half *vc, cudaStream_t s);
+
+/* Decode attention of one position over the cache (split over nsplit blocks
+ * per kv head, combined by the last one): out [nh*hd] fp32. Sinks [nh] join
+ * the softmax denominator only. partial: [nh * nsplit * (hd + 2)] floats;
+ * counters: [nkv] ints. */
+int kn_llm_attn_decode(const float *q, const kn_half *kc, const kn_half *vc,
+                       const float *sinks, const struct kn_attn_geom *g,
+                       const struct kn_step *step, int nsplit, float *partial, int *counters,
+                       float *out, cudaStream_t s);
+
+/* y = W in + bias (W [N, K] fp16, in [K] fp32): mode 0 stores y into out[N],
+ * mode 1 adds it (out += y, the residual update). bias may be NULL.
+ * norm_w non-NULL: `in` is first RMS-normalized (eps) and scaled by norm_w. */
+int kn_llm_gemv(const kn_half *W, const float *bias, int N, int K, const float *in,
+                const float *norm_w, float eps, int mode, float *out, cudaStream_t s);
+
+/* MoE routing of one token: hn = RMSNorm(x) * norm_w (written, fp32 [H]);
+ * logits = Wr hn + br (Wr [E, H]); the top-k logits (ties: lower index
+ * first) softmaxed into w[topk]; their indices into ids[topk]. */
+int kn_llm_route_decode(const float *x, const float *norm_w, float eps, const kn_half *Wr,
+                        const float *br, int H, int E, int topk, float *hn, int *ids, float *w,
+                        cudaStream_t s);
+
+/* Expert weights of the chosen experts: slot j uses ptrs[j] when ptrs is
+ * non-NULL (the 24 GB mode's cache slots, device array), else
+ * base + ids[j] * per-expert stride. */
+struct kn_expert_src {
+    const kn_half *base;        /* [E, K, N] stacked, or NULL */
+    const kn_half *const *ptrs; /* device [topk] pointers to [K, N], or NULL */
+};
+
+/* act[j][i] = SwiGLU of gu = hn @ gate_up[e_j] + b[e_j] for the topk chosen
+ * experts: gate = gu[2i] clamped above at limit, up = gu[2i+1] clamped to
+ * [-limit, limit], act = (up + 1) * gate * sigmoid(alpha * gate).
+ * gate_up per expert [H, 2I] (x @ W), b [E, 2I]. act [topk, I] fp32.
+ * partial: kn_llm_moe_partial_floats(); counters: [ceil(2I/64)]. */
+int kn_llm_moe_gate_up_decode(const float *hn, struct kn_expert_src W, const float *b,
+                              const int *ids, int H, int I, int topk, int ksplit, float limit,
+                              float alpha, float *partial, int *counters, float *act,
+                              cudaStream_t s);
+
+/* x[H] += sum_j w[j] * (act[j] @ down[e_j] + b[e_j]), in expert order j.
+ * down per expert [I, H], b [E, H]. counters: [ceil(H/64)]. */
+int kn_llm_moe_down_decode(const float *act, struct kn_expert_src W, const float *b,
+                           const int *ids, const float *w, int I, int H, int topk, int ksplit,
+                           float *partial, int *counters, float *x, cudaStream_t s);
+
+/* Split of K that gives the expert GEMVs enough blocks on this card, and the
+ * partial-sum workspace it needs (floats) for an output width N. */
+int kn_llm_moe_ksplit(int K, int N, int topk, int nsm);
+size_t kn_llm_moe_partial_floats(int N, int topk, int ksplit);
+
+/* ----------------------------------------------------------- prefill */
+
+/* x[i] = embed[ids[i]] (fp32 rows of H), i < n. */
+int kn_llm_embed(const kn_half *embed, int H, const int32_t *ids, int n, float *x,
+                 cudaStream_t s);
+
+/* Row-wise RMSNorm of x [n, H] scaled by w: out16 (fp16, may be NULL) and
+ * out32 (fp32, may be NULL). */
+int kn_llm_rmsnorm(const float *x, const float *w, float eps, int n, int H, kn_half *out16,
+                   float *out32, cudaStream_t s);
+
+/* qkv [n, (nh+2nkv)*hd] fp32 (GEMM output without bias) for positions
+ * pos0..pos0+n-1: adds bias, rotates q and k, writes q16 [n, nh*hd] and
+ * k, v into the cache at their positions. */
+int kn_llm_qkv_prefill(const float *qkv, const float *bias, int n, int pos0,
+                       const struct kn_attn_geom *g, const float *rope, kn_half *q16,
+                       kn_half *kc, kn_half *vc, cudaStream_t s);
+
+/* Causal (or sliding-window) attention with sinks for n queries at
+ * pos0..pos0+n-1 over cache positions 0..pos0+n-1, tensor cores (fp16 in,
+ * fp32 softmax and accumulation): out16 [n, nh*hd]. head_dim must be a
+ * multiple of 16 and at most 128. */
+int kn_llm_attn_prefill(const kn_half *q16, const kn_half *kc, const kn_half *vc,
+                        const float *sinks, const struct kn_attn_geom *g, int n, int pos0,
+                        kn_half *out16, cudaStream_t s);
+
+/* x[n, H] += y[n, H] + bias[H] (bias may be NULL). */
+int kn_llm_add_bias_resid(const float *y, const float *bias, int n, int H, float *x,
+                          cudaStream_t s);
+
+/* Router for n tokens: logits = Wr hn + br, top-k, softmax over the chosen:
+ * ids [n, topk], w [n, topk]. hn [n, H] fp32. */
+int kn_llm_route(const float *hn, const kn_half *Wr, const float *br, int n, int H, int E,
+                 int topk, int *ids, float *w, cudaStream_t s);
+
+/* Groups the n*topk (token, slot) pairs by expert, stable in token order:
+ * offsets [E+1] (rows of each expert in the grouped order), rows_tok
+ * [n*topk] (token of each grouped row), row_of [n*topk] (grouped row of
+ * pair t*topk+j). */
+int kn_llm_moe_group(const int *ids, int n, int topk, int E, int *offsets, int *rows_tok,
+                     int *row_of, cudaStream_t s);
+
+/* dst[r] = src[rows[r]] for r < m (fp16 rows of H). */
+int kn_llm_gather_rows(const kn_half *src, const int *rows, int m, int H, kn_half *dst,
+                       cudaStream_t s);
+
+/* act[r, i] = SwiGLU(gu[r] + b) for rows r < m of one expert:
+ * gu [m, 2I] fp32, b [2I], act [m, I] fp16. */
+int kn_llm_swiglu(const float *gu, const float *b, int m, int I, float limit, float alpha,
+                  kn_half *act, cudaStream_t s);
+
+/* x[t] += sum_j w[t,j] * (y[row_of[t,j]] + b[ids[t,j]]) for t < n, j in order.
+ * y [n*topk, H] fp32 grouped rows, b [E, H]. */
+int kn_llm_moe_combine(const float *y, const float *b, const int *ids, const float *w,
+                       const int *row_of, int n, int topk, int H, float *x, cudaStream_t s);
+
+/* ------------------------------------------------------------- misc */
+
+/* dst (fp16 or fp32) = src converted; src_dtype 0 F16, 1 BF16, 2 F32. */
+int kn_llm_convert(const void *src, int src_dtype, size_t n, int dst_f32, void *dst,
+                   cudaStream_t s);
+
+/* Fills n floats with v (poisoning outputs in tests, clearing buffers). */
+int kn_llm_fill_f32(float *p, size_t n, float v, cudaStream_t s);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

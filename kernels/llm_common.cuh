@@ -1,0 +1,107 @@
+/* llm_common.cuh — private helpers of the llm*.cu kernels: the launch-check
+ * macro, warp reductions, and the 8-wide fp16 dot products every GEMV uses.
+ * Not a public header: include only from kernels/llm*.cu. */
+#ifndef BNBFS_KERNELS_LLM_COMMON_CUH
+#define BNBFS_KERNELS_LLM_COMMON_CUH
+
+#include <errno.h>
+#include <math.h>
+#include <stdint.h>
+
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include "dequant.h"
+#include "llm.h"
+
+/* After a launch: a launch failure becomes -EIO, logged once with the kernel. */
+static inline int kn_llm_launch_check(const char *what, const char *file, int line)
+{
+    cudaError_t e = cudaGetLastError();
+    if (e == cudaSuccess)
+        return 0;
+    dq_log(DQ_LOG_ERROR, "kernels", "%s: launch failed: %s (%s:%d)", what,
+           cudaGetErrorString(e), file, line);
+    return -EIO;
+}
+#define KN_LAUNCHED(name) kn_llm_launch_check(name, __FILE__, __LINE__)
+
+__device__ __forceinline__ float warp_sum(float v)
+{
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1)
+        v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+__device__ __forceinline__ float warp_max(float v)
+{
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1)
+        v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+
+/* Block-wide sum; every thread gets the result. red: >= 32 floats of shared
+ * memory. Ends with a barrier, so red may be reused right after. */
+__device__ __forceinline__ float block_sum(float v, float *red)
+{
+    int lane = threadIdx.x & 31, wid = threadIdx.x >> 5, nw = (blockDim.x + 31) >> 5;
+    v = warp_sum(v);
+    if (lane == 0)
+        red[wid] = v;
+    __syncthreads();
+    float t = lane < nw ? red[lane] : 0.f;
+    t = warp_sum(t);
+    __syncthreads();
+    return t;
+}
+
+/* Weights are read exactly once per token: bypass L1. */
+__device__ __forceinline__ uint4 ld_stream(const uint4 *p)
+{
+    uint4 r;
+    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
+                 : "l"(p));
+    return r;
+}
+
+__device__ __forceinline__ float2 h2f(uint32_t u)
+{
+    __half2 h = *reinterpret_cast<__half2 *>(&u);
+    return __half22float2(h);
+}
+
+/* sum_i w[i] * x[i] over 8 fp16 weights and 8 fp32 inputs. */
+__device__ __forceinline__ float dot8(uint4 w, const float4 a, const float4 b)
+{
+    float2 w0 = h2f(w.x), w1 = h2f(w.y), w2 = h2f(w.z), w3 = h2f(w.w);
+    float s = w0.x * a.x;
+    s = fmaf(w0.y, a.y, s);
+    s = fmaf(w1.x, a.z, s);
+    s = fmaf(w1.y, a.w, s);
+    s = fmaf(w2.x, b.x, s);
+    s = fmaf(w2.y, b.y, s);
+    s = fmaf(w3.x, b.z, s);
+    s = fmaf(w3.y, b.w, s);
+    return s;
+}
+
+/* acc[i] += x * w[i] for 8 fp16 weights. */
+__device__ __forceinline__ void axpy8(float acc[8], float x, uint4 w)
+{
+    float2 w0 = h2f(w.x), w1 = h2f(w.y), w2 = h2f(w.z), w3 = h2f(w.w);
+    acc[0] = fmaf(x, w0.x, acc[0]);
+    acc[1] = fmaf(x, w0.y, acc[1]);
+    acc[2] = fmaf(x, w1.x, acc[2]);
+    acc[3] = fmaf(x, w1.y, acc[3]);
+    acc[4] = fmaf(x, w2.x, acc[4]);
+    acc[5] = fmaf(x, w2.y, acc[5]);
+    acc[6] = fmaf(x, w3.x, acc[6]);
+    acc[7] = fmaf(x, w3.y, acc[7]);
+}
+
+static inline int kn_div_up(long a, long b) { return (int)((a + b - 1) / b); }
+
+#endif
