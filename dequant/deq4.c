@@ -369,9 +369,12 @@ done:
 static inline float load_in(enum dq_dtype in, const void *src, uint64_t i, enum dq_dtype out,
                             uint64_t *sat)
 {
+    /* Source tensors need not be aligned (safetensors does not pad), so
+     * elements are loaded with memcpy. */
+    uint16_t h;
     switch (in) {
-    case DQ_F16: return f16_to_f32(((const uint16_t *)src)[i]);
-    case DQ_BF16: return bf16_to_f32(((const uint16_t *)src)[i]);
+    case DQ_F16: memcpy(&h, (const uint8_t *)src + 2 * i, 2); return f16_to_f32(h);
+    case DQ_BF16: memcpy(&h, (const uint8_t *)src + 2 * i, 2); return bf16_to_f32(h);
     case DQ_F32: {
         float f;
         memcpy(&f, (const uint8_t *)src + 4 * i, 4);
@@ -442,8 +445,11 @@ void dq_convert(enum dq_dtype in, const void *src, uint64_t n, enum dq_dtype out
             i += dq_simd_get() == DQ_SIMD_AVX512 ? bf16_to_f16_avx512(s + i, d + i, n - i)
                                                  : bf16_to_f16_avx2(s + i, d + i, n - i);
             uint64_t stop = i + 16 < n ? i + 16 : n;
-            for (; i < stop; i++)
-                d[i] = f32_to_f16(bf16_to_f32(s[i]), &cnt);
+            for (; i < stop; i++) {
+                uint16_t h;
+                memcpy(&h, s + i, 2);
+                d[i] = f32_to_f16(bf16_to_f32(h), &cnt);
+            }
         }
     }
 #endif
