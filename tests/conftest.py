@@ -44,8 +44,10 @@ def fixture_dir(size):
     cache = pathlib.Path(os.environ.get("BNBFS_FIXTURES", ROOT / ".cache" / "fixtures"))
     out = cache / size
     gen = TESTS / "fixtures" / "gen_fixture.py"
+    ref = TESTS / "fixtures" / "bnbref.py"
     stamp = out / ".complete"
-    if stamp.exists() and stamp.stat().st_mtime >= gen.stat().st_mtime:
+    newest = max(gen.stat().st_mtime, ref.stat().st_mtime)
+    if stamp.exists() and stamp.stat().st_mtime >= newest:
         return out
     if out.exists():
         shutil.rmtree(out)
