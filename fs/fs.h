@@ -163,9 +163,11 @@ struct fs_conn_info {
     unsigned proto_major, proto_minor;
     unsigned max_write, max_read, max_readahead, max_background, congestion_threshold;
     unsigned max_threads;
+    unsigned kernel_readahead_kb;   /* the mount's bdi read_ahead_kb (0: unknown) */
     bool splice_write, clone_fd;
 };
 void fs_stats_set_conn(struct fs_core *c, const struct fs_conn_info *ci);
+void fs_stats_set_kernel_readahead(struct fs_core *c, unsigned kb);
 
 /* ------------------------------------------------------- compute engines
  *

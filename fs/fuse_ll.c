@@ -13,6 +13,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <stddef.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
@@ -30,6 +31,66 @@ static uint64_t now_ns(void)
     struct timespec t;
     clock_gettime(CLOCK_MONOTONIC, &t);
     return (uint64_t)t.tv_sec * 1000000000ull + (uint64_t)t.tv_nsec;
+}
+
+/* The kernel offers FUSE at most 128 KiB of read-ahead at INIT (its bdi
+ * default), so sequential reads arrive as 128 KiB requests although a
+ * request may carry 1 MiB. The bdi's read_ahead_kb (root only) lifts that;
+ * INIT resets it, so it is set once the first request after INIT arrives. */
+static unsigned read_uint_file(const char *path)
+{
+    FILE *f = fopen(path, "re");
+    unsigned v = 0;
+    if (f) {
+        if (fscanf(f, "%u", &v) != 1) v = 0;
+        fclose(f);
+    }
+    return v;
+}
+
+static void unescape_mountinfo(char *s)
+{
+    char *o = s;
+    for (char *p = s; *p; p++) {
+        if (p[0] == '\\' && p[1] >= '0' && p[1] <= '3' && p[2] >= '0' && p[2] <= '7' &&
+            p[3] >= '0' && p[3] <= '7') {
+            *o++ = (char)((p[1] - '0') * 64 + (p[2] - '0') * 8 + (p[3] - '0'));
+            p += 3;
+        } else {
+            *o++ = *p;
+        }
+    }
+    *o = 0;
+}
+
+static void bdi_tune(struct fs_fuse *f)
+{
+    if (atomic_load_explicit(&f->bdi_done, memory_order_relaxed) ||
+        atomic_exchange(&f->bdi_done, true) || !f->mountpoint)
+        return;
+    FILE *m = fopen("/proc/self/mountinfo", "re");
+    if (!m) return;
+    char line[4096], dev[64] = "";
+    while (fgets(line, sizeof line, m)) {
+        char mm[64], mp[4096];
+        if (sscanf(line, "%*u %*u %63s %*s %4095s", mm, mp) != 2) continue;
+        unescape_mountinfo(mp);
+        if (!strcmp(mp, f->mountpoint)) snprintf(dev, sizeof dev, "%s", mm);  /* last one wins */
+    }
+    fclose(m);
+    if (!dev[0]) return;
+    char path[128];
+    snprintf(path, sizeof path, "/sys/class/bdi/%s/read_ahead_kb", dev);
+    unsigned before = read_uint_file(path), now = before;
+    if (f->kernel_ra_kb && f->kernel_ra_kb != before) {
+        FILE *w = fopen(path, "we");
+        bool ok = w && fprintf(w, "%u\n", f->kernel_ra_kb) > 0;
+        if (w && fclose(w)) ok = false;
+        now = read_uint_file(path);
+        dq_log(DQ_LOG_DEBUG, "fuse", "%s: kernel read-ahead %u KiB -> %u KiB%s", f->mountpoint,
+               before, now, ok ? "" : " (not permitted: run as root to raise it)");
+    }
+    fs_stats_set_kernel_readahead(f->core, now);
 }
 
 static void ll_init(void *ud, struct fuse_conn_info *conn)
@@ -60,6 +121,7 @@ static void ll_init(void *ud, struct fuse_conn_info *conn)
 
 static void ll_lookup(fuse_req_t req, fuse_ino_t parent, const char *name)
 {
+    bdi_tune(F(req));
     struct fuse_entry_param e;
     memset(&e, 0, sizeof e);
     int err = fs_lookup(F(req)->core, parent, name, &e.attr);
@@ -91,6 +153,7 @@ static void ll_forget_multi(fuse_req_t req, size_t count, struct fuse_forget_dat
 
 static void ll_getattr(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
 {
+    bdi_tune(F(req));
     (void)fi;
     struct stat st;
     int err = fs_getattr(F(req)->core, ino, &st);
@@ -100,6 +163,7 @@ static void ll_getattr(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi
 
 static void ll_open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
 {
+    bdi_tune(F(req));
     struct fs_file *file;
     bool direct;
     int err = fs_open(F(req)->core, ino, fi->flags, &file, &direct);
@@ -208,6 +272,7 @@ static void ll_releasedir(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info 
 
 static void ll_statfs(fuse_req_t req, fuse_ino_t ino)
 {
+    bdi_tune(F(req));
     (void)ino;
     struct statvfs sv;
     fs_statfs(F(req)->core, &sv);

@@ -6,6 +6,7 @@
 
 #define FUSE_USE_VERSION 312
 #include <fuse_lowlevel.h>
+#include <stdatomic.h>
 
 #include "fs.h"
 
@@ -17,6 +18,9 @@ struct fs_fuse {
     unsigned max_threads;                    /* of the loop, for the stats */
     bool clone_fd;
     bool splice;                             /* set by init: reply with fuse_reply_data */
+    const char *mountpoint;                  /* absolute; borrowed */
+    unsigned kernel_ra_kb;                   /* read_ahead_kb to set on our bdi; 0: leave */
+    atomic_bool bdi_done;
 };
 
 const struct fuse_lowlevel_ops *fs_fuse_ops(void);

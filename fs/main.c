@@ -25,12 +25,13 @@ struct cli {
     char *src, *mnt, *path;     /* owned */
     int mode;                   /* MODE_* */
     bool help, version, bad_opt, user_max_threads;
+    uint64_t kernel_ra;         /* -o kernel_readahead=SIZE (bytes; 0 leaves the kernel's) */
     int nonopt;
     struct fs_opts opts;
 };
 
 enum { MODE_MOUNT = 0, MODE_LS, MODE_CAT };
-enum { K_HELP, K_VERSION, K_LS, K_CAT, K_OPT, K_MAXTHREADS };
+enum { K_HELP, K_VERSION, K_LS, K_CAT, K_OPT, K_MAXTHREADS, K_KRA };
 
 static const struct fuse_opt spec[] = {
     FUSE_OPT_KEY("-h", K_HELP),
@@ -45,6 +46,7 @@ static const struct fuse_opt spec[] = {
     FUSE_OPT_KEY("gpu=", K_OPT),
     FUSE_OPT_KEY("readahead=", K_OPT),
     FUSE_OPT_KEY("max_threads=", K_MAXTHREADS),
+    FUSE_OPT_KEY("kernel_readahead=", K_KRA),
     FUSE_OPT_END
 };
 
@@ -58,6 +60,15 @@ static int opt_proc(void *data, const char *arg, int key, struct fuse_args *out)
     case K_LS: c->mode = MODE_LS; return 0;
     case K_CAT: c->mode = MODE_CAT; return 0;
     case K_MAXTHREADS: c->user_max_threads = true; return 1;
+    case K_KRA: {
+        const char *v = strchr(arg, '=') + 1;
+        if (dq_parse_size(v, &c->kernel_ra) || c->kernel_ra > (1ull << 30)) {
+            fprintf(stderr, "bnbfs: option kernel_readahead=%s: expected a size such as 4M, or 0\n",
+                    v);
+            c->bad_opt = true;
+        }
+        return 0;
+    }
     case K_OPT: {
         char k[32];
         const char *eq = strchr(arg, '=');
@@ -104,6 +115,9 @@ static void usage(FILE *f, const char *prog)
 "                           auto and off both compute on the CPU and N is refused\n"
 "    -o readahead=SIZE      read-ahead window per open file (default: 4 slices per\n"
 "                           thread, 16M..256M)\n"
+"    -o kernel_readahead=SIZE  the kernel's read-ahead for this mount (default 4M;\n"
+"                           needs root, else the kernel's 128K stays; 0: leave it).\n"
+"                           FUSE gets 128K at mount, which caps requests at 128K\n"
 "    -f                     stay in the foreground (log to stderr; else syslog)\n"
 "    -d                     debug output (implies -f)\n"
 "    -h, --help             this help\n"
@@ -219,6 +233,8 @@ static int run_mount(struct cli *cli, struct fuse_args *args)
     }
     fa.core = core;
     fa.clone_fd = co.clone_fd;
+    fa.mountpoint = co.mountpoint;
+    fa.kernel_ra_kb = (unsigned)(cli->kernel_ra / 1024);
     fa.max_threads = cli->user_max_threads ? co.max_threads
                    : (fs_core_opts(core)->threads ? fs_core_opts(core)->threads : dq_ncpus()) * 2;
     if (!cli->user_max_threads) {
@@ -305,6 +321,7 @@ int main(int argc, char **argv)
     struct cli cli;
     memset(&cli, 0, sizeof cli);
     fs_opts_init(&cli.opts);
+    cli.kernel_ra = 4u << 20;
     struct fuse_args args = FUSE_ARGS_INIT(argc, argv);
     if (fuse_opt_parse(&args, &cli, spec, opt_proc)) {
         fuse_opt_free_args(&args);

@@ -68,8 +68,17 @@ void fs_stats_request(struct fs_core *c, size_t req_len, size_t served, uint64_t
 void fs_stats_set_conn(struct fs_core *c, const struct fs_conn_info *ci)
 {
     pthread_mutex_lock(&c->stats.conn_lock);
+    unsigned kb = c->stats.conn.kernel_readahead_kb;
     c->stats.conn = *ci;
+    if (!ci->kernel_readahead_kb) c->stats.conn.kernel_readahead_kb = kb;
     c->stats.have_conn = true;
+    pthread_mutex_unlock(&c->stats.conn_lock);
+}
+
+void fs_stats_set_kernel_readahead(struct fs_core *c, unsigned kb)
+{
+    pthread_mutex_lock(&c->stats.conn_lock);
+    c->stats.conn.kernel_readahead_kb = kb;
     pthread_mutex_unlock(&c->stats.conn_lock);
 }
 
@@ -165,9 +174,11 @@ int fs_stats_json(struct fs_core *c, char **out, size_t *len)
         const struct fs_conn_info *ci = &s->conn;
         fprintf(f, ",\n  \"fuse\": {\"proto\": \"%u.%u\", \"max_write\": %u, \"max_read\": %u, "
                 "\"max_readahead\": %u, \"max_background\": %u, \"congestion_threshold\": %u, "
-                "\"max_threads\": %u, \"splice_write\": %s, \"clone_fd\": %s}",
+                "\"max_threads\": %u, \"kernel_readahead_kb\": %u, \"splice_write\": %s, "
+                "\"clone_fd\": %s}",
                 ci->proto_major, ci->proto_minor, ci->max_write, ci->max_read, ci->max_readahead,
                 ci->max_background, ci->congestion_threshold, ci->max_threads,
+                ci->kernel_readahead_kb,
                 ci->splice_write ? "true" : "false", ci->clone_fd ? "true" : "false");
     }
     pthread_mutex_unlock(&s->conn_lock);
