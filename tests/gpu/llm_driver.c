@@ -1,0 +1,375 @@
+/* llm_driver.c — a small program over librn + the CUDA engine for the GPU
+ * correctness tests (tests/test_runner_gpu.py) and the runner benchmark
+ * (tests/bench/bench_runner.py): exact control over how tokens are fed
+ * (one prefill, pieces, or one token at a time), greedy generation,
+ * float32 logits out, timed prefill/decode runs and the card's measured
+ * memory bandwidth. Not a user tool: bnbfs-run is.
+ *
+ *   llm-driver MODEL --ids "1 2 3" [--feed K | --stepwise] [--greedy N]
+ *              [--logits FILE] [--vram-budget SIZE] [--expert-slots N]
+ *              [--max-context N] [--no-graphs] [--device D] [--progress]
+ *   llm-driver MODEL --bench-prefill N [--bench-decode P:G] [--repeat R] [--bandwidth]
+ *
+ * Logits rows (float32, vocab each): one per forward call (the last
+ * position of each piece; every position with --stepwise), then one after
+ * each generated token but the last — as tests/ref/gptoss_ref.py writes.
+ * Prints one JSON object on stdout. Exit 0, or 1 with one error line; 77
+ * (skip) with "no GPU: ..." when there is no CUDA device.
+ */
+#include <errno.h>
+#include <inttypes.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include <cuda_runtime_api.h>
+
+#include "runner.h"
+
+struct args {
+    const char *model, *ids, *logits;
+    int feed, greedy, max_context, expert_slots, device, repeat;
+    bool stepwise, no_graphs, progress, bandwidth;
+    uint64_t vram_budget;
+    int bench_prefill, bench_p, bench_g;
+    uint64_t seed;
+};
+
+static double now_s(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+static int die(const char *msg, const char *arg)
+{
+    fprintf(stderr, "llm-driver: %s%s%s\n", msg, arg ? ": " : "", arg ? arg : "");
+    return 1;
+}
+
+static int parse_ids(const char *s, int32_t **out, int *n)
+{
+    int cap = 16, k = 0;
+    int32_t *v = malloc((size_t)cap * sizeof *v);
+    while (v && *s) {
+        char *end;
+        errno = 0;
+        long x = strtol(s, &end, 10);
+        if (end == s)
+            break;
+        if (errno || x < 0 || x > INT32_MAX) {
+            free(v);
+            return -EINVAL;
+        }
+        if (k == cap) {
+            int32_t *nv = realloc(v, (size_t)(cap *= 2) * sizeof *v);
+            if (!nv) {
+                free(v);
+                return -ENOMEM;
+            }
+            v = nv;
+        }
+        v[k++] = (int32_t)x;
+        s = end;
+    }
+    if (!v)
+        return -ENOMEM;
+    *out = v;
+    *n = k;
+    return 0;
+}
+
+static int argmax(const float *x, int n)
+{
+    int b = 0;
+    for (int i = 1; i < n; i++)
+        if (x[i] > x[b])
+            b = i;
+    return b;
+}
+
+static bool all_finite(const float *x, int n)
+{
+    for (int i = 0; i < n; i++)
+        if (!isfinite(x[i]))
+            return false;
+    return true;
+}
+
+static uint64_t rng_next(uint64_t *s)
+{
+    *s += 0x9e3779b97f4a7c15ull;
+    uint64_t z = *s;
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    return z ^ (z >> 31);
+}
+
+static int cmp_double(const void *a, const void *b)
+{
+    double x = *(const double *)a, y = *(const double *)b;
+    return x < y ? -1 : x > y;
+}
+
+static double median(double *v, int n)
+{
+    qsort(v, (size_t)n, sizeof *v, cmp_double);
+    return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
+}
+
+/* Device-to-device copy bandwidth, bytes read + written per second. */
+static double measure_bandwidth(void)
+{
+    const size_t n = 1ull << 30;
+    void *a = NULL, *b = NULL;
+    if (cudaMalloc(&a, n) != cudaSuccess || cudaMalloc(&b, n) != cudaSuccess) {
+        cudaFree(a);
+        return 0;
+    }
+    cudaMemset(a, 1, n);
+    cudaEvent_t e0, e1;
+    cudaEventCreate(&e0);
+    cudaEventCreate(&e1);
+    double t[10];
+    for (int r = -2; r < 10; r++) {
+        cudaEventRecord(e0, 0);
+        cudaMemcpyAsync(b, a, n, cudaMemcpyDeviceToDevice, 0);
+        cudaEventRecord(e1, 0);
+        cudaEventSynchronize(e1);
+        float ms = 0;
+        cudaEventElapsedTime(&ms, e0, e1);
+        if (r >= 0)
+            t[r] = ms * 1e-3;
+    }
+    cudaEventDestroy(e0);
+    cudaEventDestroy(e1);
+    cudaFree(a);
+    cudaFree(b);
+    return 2.0 * (double)n / median(t, 10);
+}
+
+/* Bytes a decode step reads at position pos: every non-expert layer weight,
+ * topk experts per layer, lm_head, one embedding row, and the KV rows
+ * attended (fp16). */
+static double decode_bytes(const struct rn_model *m, int pos, double *weights_only)
+{
+    const struct rn_config *c = &m->cfg;
+    double w = (double)m->lm_head.nbytes + (double)m->final_norm.nbytes +
+               (double)m->embed.nbytes / c->vocab;
+    double kv = 0;
+    for (int l = 0; l < c->nlayers; l++) {
+        const struct rn_layer *L = &m->layers[l];
+        const struct rn_tensor *ts[] = {&L->attn_norm, &L->q_w, &L->q_b, &L->k_w, &L->k_b,
+                                        &L->v_w, &L->v_b, &L->o_w, &L->o_b, &L->sinks,
+                                        &L->mlp_norm, &L->router_w, &L->router_b};
+        for (size_t i = 0; i < sizeof ts / sizeof *ts; i++)
+            w += (double)ts[i]->nbytes;
+        w += (double)c->topk / c->nexperts *
+             (double)(L->gate_up.nbytes + L->gate_up_b.nbytes + L->down.nbytes + L->down_b.nbytes);
+        int span = pos + 1;
+        if (c->sliding[l] && span > c->sliding_window)
+            span = c->sliding_window;
+        kv += 2.0 * span * c->nkv * c->head_dim * 2;
+    }
+    *weights_only = w;
+    return w + kv;
+}
+
+static void print_stats(const struct rn_engine *e)
+{
+    struct rn_engine_stats s;
+    rn_engine_get_stats(e, &s);
+    printf("\"stats\": {\"load_s\": %.3f, \"prefill_tokens\": %" PRIu64 ", \"prefill_s\": %.6f, "
+           "\"decode_tokens\": %" PRIu64 ", \"decode_s\": %.6f, \"expert_hits\": %" PRIu64
+           ", \"expert_misses\": %" PRIu64 ", \"bytes_moved\": %" PRIu64 ", \"resident\": %s, "
+           "\"expert_slots\": %d, \"vram_bytes\": %" PRIu64 "}",
+           s.load_s, s.prefill_tokens, s.prefill_s, s.decode_tokens, s.decode_s, s.expert_hits,
+           s.expert_misses, s.bytes_moved, s.resident ? "true" : "false", s.expert_slots,
+           s.vram_bytes);
+}
+
+static int run_ids(const struct args *a, struct rn_model *m, struct rn_engine *e)
+{
+    const int V = m->cfg.vocab;
+    int32_t *ids = NULL;
+    int n = 0;
+    if (parse_ids(a->ids, &ids, &n) || n == 0)
+        return die("--ids: expected space-separated token ids", a->ids);
+    float *lg = malloc((size_t)V * sizeof *lg);
+    FILE *f = a->logits ? fopen(a->logits, "wb") : NULL;
+    if (!lg || (a->logits && !f)) {
+        free(ids);
+        free(lg);
+        return die("cannot open", a->logits);
+    }
+    int rc = 0, rows = 0;
+    const int piece = a->stepwise ? 1 : a->feed > 0 ? a->feed : n;
+    for (int i = 0; !rc && i < n; i += piece) {
+        const int len = n - i < piece ? n - i : piece;
+        if (rn_engine_forward(e, ids + i, len, lg)) {
+            rc = 1;
+            break;
+        }
+        if (!all_finite(lg, V)) {
+            fprintf(stderr, "llm-driver: non-finite logits after position %d\n", i + len - 1);
+            rc = 1;
+        }
+        if (f && fwrite(lg, sizeof *lg, (size_t)V, f) != (size_t)V)
+            rc = die("write failed", a->logits);
+        rows++;
+    }
+    printf("{\"prompt\": %d, \"rows\": %d, \"generated\": [", n, rows);
+    for (int g = 0; !rc && g < a->greedy; g++) {
+        int32_t t = argmax(lg, V);
+        printf("%s%d", g ? ", " : "", t);
+        if (g == a->greedy - 1)
+            break;
+        if (rn_engine_forward(e, &t, 1, lg)) {
+            rc = 1;
+            break;
+        }
+        if (!all_finite(lg, V)) {
+            fprintf(stderr, "llm-driver: non-finite logits at generated token %d\n", g);
+            rc = 1;
+        }
+        if (f && fwrite(lg, sizeof *lg, (size_t)V, f) != (size_t)V)
+            rc = die("write failed", a->logits);
+    }
+    printf("], ");
+    print_stats(e);
+    printf("}\n");
+    if (f && fclose(f) != 0)
+        rc = die("write failed", a->logits);
+    free(lg);
+    free(ids);
+    return rc;
+}
+
+static int run_bench(const struct args *a, struct rn_model *m, struct rn_engine *e)
+{
+    const int V = m->cfg.vocab;
+    const int R = a->repeat > 0 ? a->repeat : 3;
+    uint64_t seed = a->seed;
+    const int maxn = a->bench_prefill > a->bench_p ? a->bench_prefill : a->bench_p;
+    int32_t *ids = malloc((size_t)(maxn > 0 ? maxn : 1) * sizeof *ids);
+    float *lg = malloc((size_t)V * sizeof *lg);
+    double *t = calloc((size_t)R + 1, sizeof *t);
+    if (!ids || !lg || !t)
+        return die("out of memory", NULL);
+    for (int i = 0; i < maxn; i++)
+        ids[i] = (int32_t)(rng_next(&seed) % (uint64_t)(V < 199998 ? V : 199998));
+    int rc = 0;
+    struct cudaDeviceProp prop;
+    if (cudaGetDeviceProperties(&prop, a->device) != cudaSuccess)
+        return die("cudaGetDeviceProperties failed", NULL);
+    printf("{\"device\": \"%s\", \"sms\": %d, ", prop.name, prop.multiProcessorCount);
+    if (a->bandwidth)
+        printf("\"bandwidth_copy_Bps\": %.6e, ", measure_bandwidth());
+    if (a->bench_prefill > 0) {
+        for (int r = -1; r < R && !rc; r++) {       /* r = -1: warm-up */
+            rn_engine_truncate(e, 0);
+            double t0 = now_s();
+            rc = rn_engine_forward(e, ids, a->bench_prefill, lg) ? 1 : 0;
+            if (r >= 0)
+                t[r] = now_s() - t0;
+        }
+        if (!rc)
+            printf("\"prefill_tokens\": %d, \"prefill_s\": %.6f, \"prefill_tok_s\": %.1f, ",
+                   a->bench_prefill, median(t, R), a->bench_prefill / median(t, R));
+    }
+    if (a->bench_g > 0 && !rc) {
+        for (int r = -1; r < R && !rc; r++) {
+            rn_engine_truncate(e, 0);
+            rc = rn_engine_forward(e, ids, a->bench_p, lg) ? 1 : 0;
+            double t0 = now_s();
+            for (int g = 0; g < a->bench_g && !rc; g++) {
+                int32_t tok = argmax(lg, V);
+                rc = rn_engine_forward(e, &tok, 1, lg) ? 1 : 0;
+            }
+            if (r >= 0)
+                t[r] = now_s() - t0;
+        }
+        if (!rc) {
+            double w = 0, b = 0;
+            for (int p = a->bench_p; p < a->bench_p + a->bench_g; p++)
+                b += decode_bytes(m, p, &w);
+            b /= a->bench_g;
+            printf("\"decode_prompt\": %d, \"decode_tokens\": %d, \"decode_s\": %.6f, "
+                   "\"decode_tok_s\": %.2f, \"decode_bytes_per_token\": %.6e, "
+                   "\"decode_weight_bytes_per_token\": %.6e, ",
+                   a->bench_p, a->bench_g, median(t, R), a->bench_g / median(t, R), b, w);
+        }
+    }
+    print_stats(e);
+    printf("}\n");
+    free(ids);
+    free(lg);
+    free(t);
+    return rc;
+}
+
+int main(int argc, char **argv)
+{
+    struct args a = {.seed = 1};
+    for (int i = 1; i < argc; i++) {
+        const char *s = argv[i];
+        const char *v = i + 1 < argc ? argv[i + 1] : NULL;
+#define NEEDV() do { if (!v) return die("missing value for", s); i++; } while (0)
+        if (!strcmp(s, "--ids")) { NEEDV(); a.ids = v; }
+        else if (!strcmp(s, "--feed")) { NEEDV(); a.feed = atoi(v); }
+        else if (!strcmp(s, "--stepwise")) a.stepwise = true;
+        else if (!strcmp(s, "--greedy")) { NEEDV(); a.greedy = atoi(v); }
+        else if (!strcmp(s, "--logits")) { NEEDV(); a.logits = v; }
+        else if (!strcmp(s, "--vram-budget")) {
+            NEEDV();
+            if (dq_parse_size(v, &a.vram_budget))
+                return die("bad size", v);
+        }
+        else if (!strcmp(s, "--expert-slots")) { NEEDV(); a.expert_slots = atoi(v); }
+        else if (!strcmp(s, "--max-context")) { NEEDV(); a.max_context = atoi(v); }
+        else if (!strcmp(s, "--device")) { NEEDV(); a.device = atoi(v); }
+        else if (!strcmp(s, "--no-graphs")) a.no_graphs = true;
+        else if (!strcmp(s, "--progress")) a.progress = true;
+        else if (!strcmp(s, "--bandwidth")) a.bandwidth = true;
+        else if (!strcmp(s, "--repeat")) { NEEDV(); a.repeat = atoi(v); }
+        else if (!strcmp(s, "--seed")) { NEEDV(); a.seed = strtoull(v, NULL, 10); }
+        else if (!strcmp(s, "--bench-prefill")) { NEEDV(); a.bench_prefill = atoi(v); }
+        else if (!strcmp(s, "--bench-decode")) {
+            NEEDV();
+            if (sscanf(v, "%d:%d", &a.bench_p, &a.bench_g) != 2 || a.bench_p < 2 || a.bench_g < 1)
+                return die("--bench-decode: expected PROMPT:GENERATED (prompt >= 2)", v);
+        }
+        else if (s[0] == '-') return die("unknown option", s);
+        else if (!a.model) a.model = s;
+        else return die("unexpected argument", s);
+#undef NEEDV
+    }
+    if (!a.model || (!a.ids && !a.bench_prefill && !a.bench_g))
+        return die("usage: llm-driver MODEL (--ids \"...\" | --bench-prefill N | "
+                   "--bench-decode P:G) [options]", NULL);
+    int ndev = 0;
+    if (cudaGetDeviceCount(&ndev) != cudaSuccess || ndev == 0) {
+        printf("no GPU: no CUDA device\n");
+        return 77;
+    }
+    struct rn_model *m;
+    if (rn_model_open(a.model, &m))
+        return 1;
+    struct rn_engine_opts eo = {.device = a.device, .vram_budget = a.vram_budget,
+                                .max_context = a.max_context, .no_graphs = a.no_graphs,
+                                .expert_slots = a.expert_slots, .progress = a.progress};
+    struct rn_engine *e;
+    double t0 = now_s();
+    if (rn_engine_new(m, &eo, &e)) {
+        rn_model_close(m);
+        return 1;
+    }
+    fprintf(stderr, "llm-driver: engine ready in %.2f s\n", now_s() - t0);
+    int rc = a.ids ? run_ids(&a, m, e) : run_bench(&a, m, e);
+    rn_engine_free(e);
+    rn_model_close(m);
+    return rc;
+}
