@@ -148,8 +148,8 @@ int fs_core_open(const char *src, const struct fs_opts *opts, struct fs_core **o
                c->src);
         goto fail;
     }
-    if (opts->gpu >= 0) {
-        /* Until the GPU engine exists (issue 4) only auto and off are honest. */
+    if (!BNBFS_HAVE_CUDA && opts->gpu >= 0) {
+        /* Without CUDA only auto and off are honest. */
         err = -ENODEV;
         dq_log(DQ_LOG_ERROR, FS_TAG, "option gpu=%d: this build has no GPU engine; use gpu=auto "
                "or gpu=off (both compute on the CPU)", opts->gpu);
@@ -188,6 +188,16 @@ int fs_core_open(const char *src, const struct fs_opts *opts, struct fs_core **o
         cpu.destroy(cpu.ctx);
         goto fail;
     }
+#if BNBFS_HAVE_CUDA
+    if (opts->gpu != FS_GPU_OFF) {
+        struct fs_backend gpu;
+        if ((err = fs_gpu_backend_make(c, &gpu))) goto fail;
+        if ((err = fs_core_add_backend(c, &gpu))) {
+            gpu.destroy(gpu.ctx);
+            goto fail;
+        }
+    }
+#endif
     *out = c;
     return 0;
 fail:

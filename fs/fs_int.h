@@ -204,6 +204,8 @@ void fs_cache_snapshot(struct fs_core *c, uint64_t *reserved, uint64_t *pooled, 
 
 /* cpu_backend.c: the default engine, c->nthreads threads. */
 int fs_cpu_backend_make(struct fs_core *c, struct fs_backend *b);
+/* gpu_backend.c (built when CUDA is on, BNBFS_HAVE_CUDA): the GPU engine. */
+int fs_gpu_backend_make(struct fs_core *c, struct fs_backend *b);
 
 /* watch.c */
 int fs_watch_start(struct fs_core *c);

@@ -23,6 +23,7 @@
  * survive fork()).
  */
 #include <errno.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -149,15 +150,23 @@ static void gpu_stop(struct fs_core *c, void *ctx)
 static int gpu_start(struct fs_core *c, void *ctx)
 {
     struct gpu_engine *e = ctx;
+    char g[16], why[200] = "";
+    int ndev = 0;
+    kn_device_count(&ndev, why, sizeof why);
+    fs_gpu_name(fs_core_opts(c)->gpu, g, sizeof g);
+    if (ndev == 0 || e->device >= ndev) {
+        if (ndev)
+            snprintf(why, sizeof why, "device %d asked for, %d present", e->device, ndev);
+        dq_log(e->device < 0 ? DQ_LOG_INFO : DQ_LOG_WARN, "gpu",
+               "gpu=%s: no usable GPU (%s); computing on %u CPU threads", g, why, c->nthreads);
+        return 0; /* not an error: the CPU engine serves every read */
+    }
     struct kn_ctx_opts ko = {.device = e->device, .nlanes = GPU_THREADS};
     int err = kn_ctx_new(&ko, &e->kn);
     if (err) {
-        char g[16];
-        dq_log(e->device < 0 ? DQ_LOG_INFO : DQ_LOG_WARN, "gpu",
-               "gpu=%s: no usable GPU (%s); computing on %u CPU threads",
-               fs_gpu_name(fs_core_opts(c)->gpu, g, sizeof g),
-               err == -ENODEV ? "see above" : strerror(-err), c->nthreads);
-        return 0; /* not an error: the CPU engine serves every read */
+        dq_log(DQ_LOG_WARN, "gpu", "gpu=%s: cannot use %s (%s, see above); computing on %u CPU "
+               "threads", g, e->device < 0 ? "the GPU" : "that GPU", strerror(-err), c->nthreads);
+        return 0;
     }
     for (unsigned i = 0; i < GPU_THREADS; i++) {
         e->args[i] = (struct gpu_thread_arg){c, e};
