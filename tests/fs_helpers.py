@@ -245,3 +245,67 @@ def xxh3_128_hex(data):
         _xxh.XXH3_128bits.argtypes = [ctypes.c_char_p, ctypes.c_size_t]
     h = _xxh.XXH3_128bits(bytes(data), len(data))
     return f"{h.high64:016x}{h.low64:016x}"
+
+
+# ------------------------------------------------- building broken sources
+
+def tensor_location(src, name):
+    """(absolute file path, byte offset, byte length, dtype) of a source tensor."""
+    import json as _json
+    idx = _json.loads((pathlib.Path(src) / "model.safetensors.index.json").read_text())
+    path = pathlib.Path(src) / idx["weight_map"][name]
+    hdr, start = read_header(path)
+    a, b = hdr[name]["data_offsets"]
+    return path, start + a, b - a, hdr[name]["dtype"]
+
+
+def patch_tensor(src, name, index, value):
+    """Writes one element (np scalar of the tensor's dtype) in place."""
+    path, off, ln, dt = tensor_location(src, name)
+    raw = np.asarray(value, dtype=_NP[dt]).tobytes()
+    assert (index + 1) * len(raw) <= ln
+    with open(path, "r+b") as f:
+        f.seek(off + index * len(raw))
+        f.write(raw)
+
+
+def write_safetensors_raw(path, tensors, metadata=None):
+    """tensors: name -> (dtype string, shape, bytes), written in name order."""
+    import json as _json
+    hdr = {"__metadata__": metadata or {"format": "pt"}}
+    off = 0
+    for name in sorted(tensors):
+        dt, shape, raw = tensors[name]
+        hdr[name] = {"dtype": dt, "shape": list(shape), "data_offsets": [off, off + len(raw)]}
+        off += len(raw)
+    js = _json.dumps(hdr, separators=(",", ":")).encode()
+    js += b" " * (-len(js) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(js)) + js)
+        for name in sorted(tensors):
+            f.write(tensors[name][2])
+
+
+def drop_tensor(src, name):
+    """Rewrites the source shard holding `name` without it (index unchanged)."""
+    path, _, _, _ = tensor_location(src, name)
+    hdr, start = read_header(path)
+    data = path.read_bytes()
+    keep = {k: (v["dtype"], v["shape"], data[start + v["data_offsets"][0]:start + v["data_offsets"][1]])
+            for k, v in hdr.items() if k not in ("__metadata__", name)}
+    write_safetensors_raw(path, keep)
+
+
+def hf_outputs_of_source_file(src, shard_name):
+    """HF-canonical names of the outputs computed from one source shard."""
+    import json as _json
+    import bnbref
+    idx = _json.loads((pathlib.Path(src) / "model.safetensors.index.json").read_text())
+    out = set()
+    for name, shard in idx["weight_map"].items():
+        if shard != shard_name:
+            continue
+        m = bnbref.COMPANION_RE.match(name)
+        owner = m["w"] if m else name
+        out.add(bnbref.hf_name(owner)[0])
+    return out

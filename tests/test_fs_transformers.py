@@ -1,0 +1,35 @@
+"""On the GPU machine: transformers loads the mount like any Hugging Face
+checkpoint (GptOssForCausalLM.from_pretrained(MNT)), every parameter equals
+the fixture's expectation bit for bit, and a forward pass runs on the GPU.
+Skips without a GPU or without transformers/torch."""
+import gc
+
+import numpy as np
+import pytest
+
+import fs_helpers as fh
+
+
+def test_transformers_loads_the_mount_bit_exact(gpu, bin_path, tiny, tmp_path):
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    exp = fh.expected(tiny, "f16")
+    major = int(transformers.__version__.split(".")[0])
+    kw = {"dtype": torch.float16} if major >= 5 else {"torch_dtype": torch.float16}
+    with fh.mounted(bin_path("bnbfs"), tiny / "src", tmp_path / "mnt") as m:
+        model = transformers.GptOssForCausalLM.from_pretrained(str(m.mnt), **kw)
+        sd = model.state_dict()
+        assert not set(exp) - set(sd), f"not loaded: {sorted(set(exp) - set(sd))}"
+        for name, e in exp.items():
+            t = sd[name].detach().cpu().contiguous()
+            assert t.dtype == torch.float16 and tuple(t.shape) == e.shape, name
+            assert np.array_equal(t.view(torch.int16).numpy().view(np.uint16),
+                                  e.view(np.uint16)), name
+        model = model.to("cuda").eval()
+        with torch.no_grad():
+            logits = model(torch.tensor([[200006, 17360, 200008, 1, 2, 3]], device="cuda")).logits
+        assert logits.shape == (1, 6, 201088)
+        assert torch.isfinite(logits).all()
+        del model, sd, logits
+        gc.collect()
+        torch.cuda.empty_cache()
