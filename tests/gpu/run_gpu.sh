@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# The GPU-machine session of issue 4 in one command (the `run` tool):
+# builds build-gpu for sm_90, runs the kernel test program
+# (tests/gpu/test_kn_dequant.c) and the GPU mount suite
+# (tests/test_gpu_dequant.py), then the benchmark
+# (tests/bench/bench_gpu_dequant.py), with the full-size fixture when
+# FULL=DIR is set and time is left. Logs go to $OUT; a summary to stdout.
+#   sh .device/prep.sh && FULL=/tmp/full bash tests/gpu/run_gpu.sh
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+OUT=${OUT:-/tmp/bnbfs-gpu-out}
+mkdir -p "$OUT"
+t0=$(date +%s)
+el() { echo $(( $(date +%s) - t0 )); }
+
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,clocks.mem,power.draw,temperature.gpu \
+  --format=csv | tee "$OUT/card.txt"
+
+./scripts/build.sh build-gpu -Dcuda_archs=90 > "$OUT/build.log" 2>&1 \
+  || { echo "BUILD FAILED"; tail -40 "$OUT/build.log"; exit 1; }
+echo "build: $(el) s"
+
+timeout 300 build-gpu/kernels/test_kn_dequant > "$OUT/test_kn_dequant.log" 2>&1
+echo "test_kn_dequant rc=$? ($(el) s)"
+grep -E "^(ok|FAIL)|tests, |device:" "$OUT/test_kn_dequant.log" | head -30
+
+BNBFS_BUILD=$PWD/build-gpu timeout 300 python3 -m pytest -q -rs -p no:cacheprovider \
+  tests/test_gpu_dequant.py > "$OUT/pytest_gpu.log" 2>&1
+echo "pytest test_gpu_dequant rc=$? ($(el) s)"
+tail -8 "$OUT/pytest_gpu.log"
+
+args=(--build build-gpu --results "$OUT/RESULTS.md" --log "$OUT/bench.log")
+if [ -n "${FULL:-}" ] && [ "$(el)" -lt "${FULL_IF_BEFORE:-270}" ]; then
+  args+=(--full "$FULL")
+fi
+timeout $(( ${BUDGET:-570} - $(el) )) python3 tests/bench/bench_gpu_dequant.py "${args[@]}" \
+  > "$OUT/bench.out" 2>&1
+echo "bench rc=$? ($(el) s)"
+grep -v '^\$ ' "$OUT/bench.out" | tail -40
