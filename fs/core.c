@@ -131,6 +131,7 @@ int fs_core_open(const char *src, const struct fs_opts *opts, struct fs_core **o
     c->opts = *opts;
     c->ifd = c->efd = c->dir_wd = -1;
     fs_stats_init(&c->stats);
+    pthread_mutex_init(&c->files_lock, NULL);
     for (int i = 0; i < FS_XXH_STRIPES; i++) pthread_mutex_init(&c->xxh_lock[i], NULL);
     int err;
     char buf[64];
@@ -243,6 +244,8 @@ void fs_core_close(struct fs_core *c)
     if (c->ifd >= 0 || c->efd >= 0) fs_watch_stop(c);
     for (unsigned i = 0; i < c->nbackend; i++)
         if (c->backend[i].destroy) c->backend[i].destroy(c->backend[i].ctx);
+    fs_files_close_all(c);
+    pthread_mutex_destroy(&c->files_lock);
     if (c->cache.bucket) fs_cache_fini(c);
     fs_tree_free(c);
     if (c->plan) dq_plan_free(c->plan);

@@ -162,6 +162,11 @@ struct fs_core {
     struct fs_stats stats;
     pthread_mutex_t xxh_lock[FS_XXH_STRIPES];
 
+    /* Files still open: the kernel sends no RELEASE for files open when
+     * the session ends, so fs_core_close frees what is left. */
+    pthread_mutex_t files_lock;
+    struct fs_file *files;      /* list through fs_file.prev/next; guarded by files_lock */
+
     struct fs_backend backend[FS_MAX_BACKENDS];
     unsigned nbackend;
     bool backend_started[FS_MAX_BACKENDS];
@@ -226,6 +231,7 @@ int fs_thread_create(pthread_t *th, void *(*fn)(void *), void *arg);
 
 /* read.c */
 int fs_node_xxh3(struct fs_core *c, struct fs_node *n, uint8_t out[16]);
+void fs_files_close_all(struct fs_core *c);
 
 /* small helpers */
 static inline uint64_t fs_round_up(uint64_t x, uint64_t a) { return (x + a - 1) / a * a; }

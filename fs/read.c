@@ -33,6 +33,7 @@ struct fs_file {
     uint64_t ra_win;            /* current window, bytes (0: not sequential) */
     char *snap;                 /* STATS: the JSON as of open; owned */
     size_t snaplen;
+    struct fs_file *prev, *next;    /* core->files; under core->files_lock */
 };
 
 #define RA_SLACK (4u << 20)     /* out-of-order kernel requests still count as sequential */
@@ -63,16 +64,44 @@ int fs_open(struct fs_core *c, uint64_t ino, int flags, struct fs_file **out, bo
         if (err) { pthread_mutex_destroy(&f->lock); free(f); return err; }
         *direct_io = true;
     }
+    pthread_mutex_lock(&c->files_lock);
+    f->next = c->files;
+    if (c->files) c->files->prev = f;
+    c->files = f;
+    pthread_mutex_unlock(&c->files_lock);
     *out = f;
     return 0;
+}
+
+static void file_free(struct fs_file *f)
+{
+    free(f->snap);
+    pthread_mutex_destroy(&f->lock);
+    free(f);
 }
 
 void fs_close(struct fs_file *f)
 {
     if (!f) return;
-    free(f->snap);
-    pthread_mutex_destroy(&f->lock);
-    free(f);
+    struct fs_core *c = f->c;
+    pthread_mutex_lock(&c->files_lock);
+    if (f->prev) f->prev->next = f->next; else c->files = f->next;
+    if (f->next) f->next->prev = f->prev;
+    pthread_mutex_unlock(&c->files_lock);
+    file_free(f);
+}
+
+void fs_files_close_all(struct fs_core *c)
+{
+    pthread_mutex_lock(&c->files_lock);
+    struct fs_file *f = c->files;
+    c->files = NULL;
+    pthread_mutex_unlock(&c->files_lock);
+    while (f) {
+        struct fs_file *n = f->next;
+        file_free(f);
+        f = n;
+    }
 }
 
 /* --------------------------------------------------------------- reply */
@@ -116,7 +145,6 @@ static int to_bounce(struct fs_reply *r, size_t cap)
     r->iov[0].iov_base = b;
     r->iov[0].iov_len = pos;
     r->niov = 1;
-    atomic_fetch_add_explicit(&r->c->stats.bounce_reads, 1, memory_order_relaxed);
     return 0;
 }
 
@@ -126,6 +154,7 @@ static int add_mem(struct fs_reply *r, const void *p, size_t n, size_t total)
     if (!r->bounce && r->niov == FS_REPLY_MAXIOV) {
         int err = to_bounce(r, total);
         if (err) return err;
+        atomic_fetch_add_explicit(&r->c->stats.bounce_reads, 1, memory_order_relaxed);
     }
     if (r->bounce) {
         memcpy((char *)r->bounce + r->iov[0].iov_len, p, n);
@@ -160,7 +189,10 @@ static int add_slice(struct fs_reply *r, uint32_t tensor, uint64_t s, uint64_t i
         }
         if (err != -EAGAIN) return err;
     }
-    if (!r->bounce && (err = to_bounce(r, total))) return err;
+    if (!r->bounce) {
+        if ((err = to_bounce(r, total))) return err;
+        atomic_fetch_add_explicit(&c->stats.bounce_reads, 1, memory_order_relaxed);
+    }
     if ((err = fs_slice_get(c, tensor, s, FS_GET_WAIT, &e))) return err;
     memcpy((char *)r->bounce + r->iov[0].iov_len, (char *)e->buf + in_off, n);
     r->iov[0].iov_len += n;
@@ -334,6 +366,9 @@ int fs_read(struct fs_file *f, uint64_t off, size_t len, struct fs_reply *r)
     int err;
     switch (n->kind) {
     case FS_K_STATS:
+        /* Copied: the snapshot belongs to the open file, which the kernel
+         * may release as soon as it has the reply, before writev returns. */
+        if ((err = to_bounce(r, (size_t)(end - off)))) return err;
         return add_mem(r, f->snap + off, (size_t)(end - off), (size_t)(end - off));
     case FS_K_CONFIG:
         if (fs_src_check(c, (uint32_t)n->src)) return -EIO;
