@@ -2,10 +2,16 @@
  * slots, each holding one expert's gate_up and down matrices, filled from
  * host memory on a copy stream.
  *
- * Policy: least recently used over all layers, never evicting an expert the
- * layer being computed still needs (pinned). Decode needs the topk routed
- * experts at once; prefill walks the layer's experts hits first, copying
- * misses ahead into free slots while earlier experts compute.
+ * Policy: each layer owns an equal share of the slots (when every layer can
+ * get at least topk) and replaces its least recently used expert; with fewer
+ * slots, one LRU over all layers. A global LRU would be the worst policy for
+ * prefill, which sweeps every expert of every layer in order (a cyclic scan
+ * larger than the cache: each expert is evicted just before it is needed
+ * again); per-layer shares keep each layer's share resident across chunks
+ * and tokens. An expert the layer being computed still needs is pinned.
+ * Decode needs the topk routed experts at once; prefill walks the layer's
+ * experts hits first, copying misses ahead into the layer's free slots while
+ * earlier experts compute.
  *
  * Ordering (two streams, no host waits except reading the routing):
  *  - a copy into a slot waits for the slot's `freed` event, recorded on the
@@ -31,8 +37,10 @@ int eng_cache_init(struct rn_engine *e)
         return -ENOMEM;
     for (size_t i = 0; i < n; i++)
         e->slot_of[i] = -1;
+    const bool shares = e->nslots >= c->nlayers * c->topk;
     for (int s = 0; s < e->nslots; s++) {
         struct eng_slot *sl = &e->slots[s];
+        sl->owner = shares ? s % c->nlayers : -1;
         sl->layer = sl->expert = -1;
         CU(cudaEventCreateWithFlags(&sl->ready, cudaEventDisableTiming));
         CU(cudaEventCreateWithFlags(&sl->freed, cudaEventDisableTiming));
@@ -56,13 +64,14 @@ void eng_cache_free(struct rn_engine *e)
     e->slot_of = NULL;
 }
 
-/* An unpinned slot: an empty one first, else the least recently used. */
-static int victim(struct rn_engine *e)
+/* An unpinned slot layer l may use: an empty one first, else the least
+ * recently used. */
+static int victim(struct rn_engine *e, int l)
 {
     int best = -1;
     for (int s = 0; s < e->nslots; s++) {
         const struct eng_slot *sl = &e->slots[s];
-        if (sl->pinned)
+        if (sl->pinned || (sl->owner >= 0 && sl->owner != l))
             continue;
         if (sl->layer < 0)
             return s;
@@ -127,7 +136,7 @@ int eng_cache_decode_prepare(struct rn_engine *e, int l, struct kn_expert_src *g
     for (int j = 0; j < K; j++) {
         if (e->cur_slots[j] >= 0)
             continue;
-        const int s = victim(e);
+        const int s = victim(e, l);
         if (s < 0) {
             dq_log(DQ_LOG_ERROR, ENG_TAG, "expert cache: no free slot (%d slots, %d needed)",
                    e->nslots, K);
@@ -189,7 +198,7 @@ int eng_cache_prefill_layer(struct rn_engine *e, int l, const int *h_offsets, en
     }
     /* Copy ahead into every slot this layer does not need. */
     while (!rc && issued < nmiss) {
-        const int s = victim(e);
+        const int s = victim(e, l);
         if (s < 0)
             break;
         rc = fill(e, s, l, miss[issued]);
@@ -201,7 +210,7 @@ int eng_cache_prefill_layer(struct rn_engine *e, int l, const int *h_offsets, en
         const int x = i < nhit ? hit[i] : miss[i - nhit];
         if (i >= nhit && i - nhit >= issued) {
             /* Not copied yet: a slot freed by an earlier expert takes it. */
-            const int s = victim(e);
+            const int s = victim(e, l);
             if (s < 0) {
                 dq_log(DQ_LOG_ERROR, ENG_TAG, "expert cache: no free slot");
                 rc = -ENOMEM;
@@ -229,7 +238,7 @@ int eng_cache_prefill_layer(struct rn_engine *e, int l, const int *h_offsets, en
         sl->pinned = false;
         /* Keep one copy in flight ahead of the compute. */
         if (issued < nmiss) {
-            const int v = victim(e);
+            const int v = victim(e, l);
             if (v >= 0) {
                 if ((rc = fill(e, v, l, miss[issued])))
                     break;

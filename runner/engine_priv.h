@@ -55,6 +55,7 @@ struct eng_layer {
 
 /* One GPU cache slot holding both matrices of one expert. */
 struct eng_slot {
+    int owner;                  /* layer whose experts it caches, or -1: any layer */
     int layer, expert;          /* what it holds; -1 when empty */
     uint64_t last_use;          /* LRU tick */
     bool pinned;                /* needed by the layer being computed: not a victim */

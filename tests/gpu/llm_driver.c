@@ -151,6 +151,30 @@ static double measure_bandwidth(void)
     return 2.0 * (double)n / median(t, 10);
 }
 
+/* Pinned host-to-device copy bandwidth (the 24 GB mode's expert path). */
+static double measure_h2d(void)
+{
+    const size_t n = 1ull << 30;
+    void *h = NULL, *d = NULL;
+    if (cudaHostAlloc(&h, n, cudaHostAllocDefault) != cudaSuccess)
+        return 0;
+    if (cudaMalloc(&d, n) != cudaSuccess) {
+        cudaFreeHost(h);
+        return 0;
+    }
+    memset(h, 1, n);
+    double t[5];
+    for (int r = -1; r < 5; r++) {
+        double t0 = now_s();
+        cudaMemcpy(d, h, n, cudaMemcpyHostToDevice);
+        if (r >= 0)
+            t[r] = now_s() - t0;
+    }
+    cudaFree(d);
+    cudaFreeHost(h);
+    return (double)n / median(t, 5);
+}
+
 /* Bytes a decode step reads at position pos: every non-expert layer weight,
  * topk experts per layer, lm_head, one embedding row, and the KV rows
  * attended (fp16). */
@@ -267,7 +291,8 @@ static int run_bench(const struct args *a, struct rn_model *m, struct rn_engine 
         return die("cudaGetDeviceProperties failed", NULL);
     printf("{\"device\": \"%s\", \"sms\": %d, ", prop.name, prop.multiProcessorCount);
     if (a->bandwidth)
-        printf("\"bandwidth_copy_Bps\": %.6e, ", measure_bandwidth());
+        printf("\"bandwidth_copy_Bps\": %.6e, \"h2d_pinned_Bps\": %.6e, ", measure_bandwidth(),
+               measure_h2d());
     if (a->bench_prefill > 0) {
         for (int r = -1; r < R && !rc; r++) {       /* r = -1: warm-up */
             rn_engine_truncate(e, 0);
@@ -281,9 +306,11 @@ static int run_bench(const struct args *a, struct rn_model *m, struct rn_engine 
                    a->bench_prefill, median(t, R), a->bench_prefill / median(t, R));
     }
     if (a->bench_g > 0 && !rc) {
+        struct rn_engine_stats s0 = {0}, s1 = {0};
         for (int r = -1; r < R && !rc; r++) {
             rn_engine_truncate(e, 0);
             rc = rn_engine_forward(e, ids, a->bench_p, lg) ? 1 : 0;
+            rn_engine_get_stats(e, &s0);
             double t0 = now_s();
             for (int g = 0; g < a->bench_g && !rc; g++) {
                 int32_t tok = argmax(lg, V);
@@ -291,7 +318,13 @@ static int run_bench(const struct args *a, struct rn_model *m, struct rn_engine 
             }
             if (r >= 0)
                 t[r] = now_s() - t0;
+            rn_engine_get_stats(e, &s1);
         }
+        /* Expert traffic of the last timed decode run only. */
+        printf("\"decode_moved_per_token\": %.6e, \"decode_hits\": %" PRIu64
+               ", \"decode_misses\": %" PRIu64 ", ",
+               (double)(s1.bytes_moved - s0.bytes_moved) / a->bench_g,
+               s1.expert_hits - s0.expert_hits, s1.expert_misses - s0.expert_misses);
         if (!rc) {
             double w = 0, b = 0;
             for (int p = a->bench_p; p < a->bench_p + a->bench_g; p++)
