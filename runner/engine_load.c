@@ -224,9 +224,19 @@ struct upl_ctx {
                                  * for a count reported once; summed under no lock) */
 };
 
+/* Reader threads start on device 0: make the engine's device current. */
+static void upl_thread_device(const struct upl_ctx *u)
+{
+    static __thread int cur = -1;
+    if (cur != u->e->dev) {
+        cudaSetDevice(u->e->dev);
+        cur = u->e->dev;
+    }
+}
+
 static void *upl_buf_alloc(void *ctx, uint64_t n)
 {
-    (void)ctx;
+    upl_thread_device(ctx);
     void *p = NULL;
     return cudaHostAlloc(&p, n, cudaHostAllocDefault) == cudaSuccess ? p : NULL;
 }
@@ -242,6 +252,7 @@ static int upl_sink(void *vctx, unsigned tid, const struct rn_read_item *it, uin
 {
     struct upl_ctx *u = vctx;
     const struct upl *d = it->user;
+    upl_thread_device(u);
     const enum dq_dtype sd = it->t->dtype;
     const size_t es = dq_dtype_size(sd);
     const uint64_t elem0 = (it->off + off) / es, nel = len / es;
