@@ -30,6 +30,8 @@
 #include <time.h>
 #include <unistd.h>
 
+#include <cjson/cJSON.h>
+
 #include "dequant.h"
 #include "harmony.h"
 #include "opts.h"
@@ -208,6 +210,63 @@ static int prompt_text(const struct rn_opts *o, struct rn_buf *b)
     return 0;
 }
 
+/* Reads --conversation: one JSON object per line with "role" and
+ * "content" (strings) and optionally "channel", "recipient",
+ * "content_type", "name"; lines with "stop" (the last line of --parse-ids)
+ * and blank lines are skipped. */
+static int load_conversation(const char *path, struct rn_conv *c)
+{
+    FILE *f = strcmp(path, "-") == 0 ? stdin : fopen(path, "rb");
+    if (!f)
+        return err1("--conversation %s: %s", path, strerror(errno));
+    char *line = NULL;
+    size_t cap = 0, lineno = 0;
+    ssize_t n;
+    int rc = 0;
+    while (!rc && (n = getline(&line, &cap, f)) >= 0) {
+        lineno++;
+        size_t k = 0;
+        while (k < (size_t)n && (line[k] == ' ' || line[k] == '\t' || line[k] == '\n' ||
+                                 line[k] == '\r'))
+            k++;
+        if (k == (size_t)n)
+            continue;
+        cJSON *j = cJSON_ParseWithLength(line, (size_t)n);
+        if (!cJSON_IsObject(j)) {
+            rc = err1("--conversation %s line %zu: not a JSON object", path, lineno);
+        } else if (!cJSON_GetObjectItemCaseSensitive(j, "stop")) {
+            struct rn_msg m = {0};
+            const char *keys[] = {"role", "content", "channel", "recipient", "content_type",
+                                  "name"};
+            char **dst[] = {&m.role, &m.text, &m.channel, &m.recipient, &m.content_type,
+                            &m.name};
+            for (int i = 0; i < 6 && !rc; i++) {
+                cJSON *v = cJSON_GetObjectItemCaseSensitive(j, keys[i]);
+                if (cJSON_IsString(v))
+                    *dst[i] = v->valuestring;
+                else if ((v && !cJSON_IsNull(v)) || i < 2)
+                    rc = err1("--conversation %s line %zu: \"%s\" must be a string", path,
+                              lineno, keys[i]);
+            }
+            if (!rc) {
+                m.len = strlen(m.text);
+                if (rn_utf8_valid_prefix(m.text, m.len) != m.len)
+                    rc = err1("--conversation %s line %zu: content is not valid UTF-8", path,
+                              lineno);
+                else if (rn_conv_add_msg(c, &m))
+                    rc = err1("out of memory");
+            }
+        }
+        cJSON_Delete(j);
+    }
+    free(line);
+    if (!rc && ferror(f))
+        rc = err1("--conversation %s: read error", path);
+    if (f != stdin)
+        fclose(f);
+    return rc;
+}
+
 static int conv_from_opts(const struct rn_opts *o, struct rn_conv *c)
 {
     rn_conv_init(c);
@@ -215,19 +274,23 @@ static int conv_from_opts(const struct rn_opts *o, struct rn_conv *c)
     snprintf(c->date, sizeof c->date, "%s", o->date);
     if (o->system && !(c->instructions = strdup(o->system)))
         return err1("out of memory");
+    if (o->conversation)
+        return load_conversation(o->conversation, c);
     return 0;
 }
 
-/* The chat prompt of PROMPT (one user turn) into ids. */
+/* The chat prompt into ids: --conversation's messages, then PROMPT (if
+ * any) as a user message, then <|start|>assistant. */
 static int render_prompt(const struct rn_opts *o, const struct rn_harmony *h, struct rn_ids *ids)
 {
     struct rn_buf text = {0};
     struct rn_conv c;
     int rc = conv_from_opts(o, &c);
-    if (!rc)
+    if (!rc && o->prompt) {
         rc = prompt_text(o, &text);
-    if (!rc && rn_conv_add(&c, "user", NULL, text.p, text.n))
-        rc = err1("out of memory");
+        if (!rc && rn_conv_add(&c, "user", NULL, text.p, text.n))
+            rc = err1("out of memory");
+    }
     if (!rc && rn_harmony_render(h, &c, ids))
         rc = 1;                     /* logged by the tokenizer (invalid UTF-8) */
     rn_buf_free(&text);
@@ -464,7 +527,7 @@ struct gen {
     char last_out, last_err;            /* last byte written to stdout / stderr */
     bool err_tty, dim_open;
     /* timing */
-    double t_open, t_prefetch, t_engine, t_sample;
+    double t_open, t_engine, t_sample;
     uint64_t nsampled;
 };
 
@@ -648,7 +711,7 @@ static int run_turn(struct gen *g, const struct rn_ids *prompt, struct rn_hparse
                 }
             }
         } else {
-            if (is_eos(g, id))
+            if (is_eos(g, id) || (p && (id == g->h->ret || id == g->h->call)))
                 break;
             if (raw_print(g, id)) {
                 rc = err1("out of memory");
@@ -703,8 +766,8 @@ static void print_stats(const struct gen *g)
     rn_engine_get_stats(g->e, &s);
     char b1[32];
     fprintf(stderr, "bnbfs-run stats:\n");
-    fprintf(stderr, "  load       %.2f s (open %.2f s, read weights %.2f s, engine %.2f s)\n",
-            g->t_open + g->t_prefetch + g->t_engine, g->t_open, g->t_prefetch, g->t_engine);
+    fprintf(stderr, "  load       %.2f s (open and check %.2f s, weights to the GPU %.2f s)\n",
+            g->t_open + g->t_engine, g->t_open, g->t_engine);
     fprintf(stderr, "  prefill    %llu tokens in %.3f s (%.1f tok/s)\n",
             (unsigned long long)s.prefill_tokens, s.prefill_s,
             s.prefill_s > 0 ? (double)s.prefill_tokens / s.prefill_s : 0.0);
@@ -841,31 +904,13 @@ static void gen_free(struct gen *g)
     rn_buf_free(&g->obuf);
 }
 
+/* Generation with the prompt already built (empty in chat mode); takes
+ * the --logits file. */
 static int gen_main(const struct rn_opts *o, struct rn_tok *t, const struct rn_harmony *h,
-                    const char *tokpath)
+                    const char *tokpath, const struct rn_ids *prompt, FILE *logits_f)
 {
-    struct gen g = {.o = o, .tok = t, .h = h, .err_tty = isatty(2)};
+    struct gen g = {.o = o, .tok = t, .h = h, .err_tty = isatty(2), .logits_f = logits_f};
     int rc = 1;
-    struct rn_ids prompt = {0};
-    /* the prompt first: a bad prompt should not cost a model load */
-    if (o->mode == RN_MODE_GENERATE) {
-        if (o->have_ids) {
-            if (rn_ids_append(&prompt, o->ids.v, o->ids.n)) {
-                rc = err1("out of memory");
-                goto out;
-            }
-        } else if (o->raw) {
-            struct rn_buf text = {0};
-            int r = prompt_text(o, &text);
-            if (!r && rn_tok_encode(t, text.p, text.n, "PROMPT", &prompt))
-                r = 1;
-            rn_buf_free(&text);
-            if (r)
-                goto out;
-        } else if (render_prompt(o, h, &prompt)) {
-            goto out;
-        }
-    }
     double t0 = now_s();
     if (rn_model_open(o->model, &g.m))
         goto out;
@@ -881,9 +926,9 @@ static int gen_main(const struct rn_opts *o, struct rn_tok *t, const struct rn_h
                   o->max_context, cfg->max_position);
         goto out;
     }
-    if (o->mode == RN_MODE_GENERATE && prompt.n >= (size_t)g.ctx) {
+    if (o->mode == RN_MODE_GENERATE && prompt->n >= (size_t)g.ctx) {
         rc = err1("the prompt is %zu tokens but the context holds %d (--max-context): shorten "
-                  "it or raise --max-context", prompt.n, g.ctx);
+                  "it or raise --max-context", prompt->n, g.ctx);
         goto out;
     }
     /* With harmony the parser ends the turn at <|return|>/<|call|>, and
@@ -891,10 +936,6 @@ static int gen_main(const struct rn_opts *o, struct rn_tok *t, const struct rn_h
     for (int i = 0; i < cfg->neos && i < RN_MAX_EOS; i++)
         if (!h || (cfg->eos[i] != h->end && cfg->eos[i] != h->ret && cfg->eos[i] != h->call))
             g.eos[g.neos++] = cfg->eos[i];
-    if (o->logits_path && !(g.logits_f = fopen(o->logits_path, "wb"))) {
-        rc = err1("--logits %s: %s", o->logits_path, strerror(errno));
-        goto out;
-    }
     g.seed = o->sample.seed;
     if (!o->seed_set && getrandom(&g.seed, sizeof g.seed, 0) != sizeof g.seed)
         g.seed = (uint64_t)time(NULL) ^ ((uint64_t)getpid() << 32);
@@ -905,10 +946,9 @@ static int gen_main(const struct rn_opts *o, struct rn_tok *t, const struct rn_h
         rc = err1("out of memory");
         goto out;
     }
-    t0 = now_s();
-    if (rn_model_prefetch(g.m, 0, g.err_tty))
-        goto out;
-    g.t_prefetch = now_s() - t0;
+    /* rn_engine_new reads the weights itself, in large parallel chunks with
+     * progress on a terminal; a separate rn_model_prefetch pass would read
+     * them twice (and before learning that there is no GPU). */
     struct rn_engine_opts eo = {.device = o->device, .vram_budget = o->vram_budget,
                                 .max_context = g.ctx, .no_graphs = o->no_graphs};
     t0 = now_s();
@@ -925,7 +965,7 @@ static int gen_main(const struct rn_opts *o, struct rn_tok *t, const struct rn_h
             rc = err1("out of memory");
             goto out;
         }
-        rc = run_turn(&g, &prompt, harmony ? &p : NULL);
+        rc = run_turn(&g, prompt, harmony ? &p : NULL);
         if (harmony)
             rn_hparser_free(&p);
     }
@@ -934,32 +974,70 @@ static int gen_main(const struct rn_opts *o, struct rn_tok *t, const struct rn_h
     if (o->stats)
         print_stats(&g);
 out:
-    rn_ids_free(&prompt);
     gen_free(&g);
     return rc;
 }
 #endif
 
+/* The prompt's ids for generation: --ids, PROMPT as plain text (--raw),
+ * or the chat template. */
+static int build_prompt(const struct rn_opts *o, struct rn_tok *t, const struct rn_harmony *h,
+                        struct rn_ids *prompt)
+{
+    if (o->have_ids)
+        return rn_ids_append(prompt, o->ids.v, o->ids.n) ? err1("out of memory") : 0;
+    if (o->raw) {
+        struct rn_buf text = {0};
+        int rc = prompt_text(o, &text);
+        if (!rc && rn_tok_encode(t, text.p, text.n, "PROMPT", prompt))
+            rc = 1;
+        rn_buf_free(&text);
+        return rc;
+    }
+    return render_prompt(o, h, prompt);
+}
+
 static int do_generate(const struct rn_opts *o, struct rn_tok *t, const struct rn_harmony *h,
                        const char *tokpath)
 {
+    /* Everything that can be checked without the model comes first: a bad
+     * prompt should not cost a 40 GB load. */
+    struct rn_ids prompt = {0};
+    int rc = 0;
+    if (o->mode == RN_MODE_GENERATE) {
+        rc = build_prompt(o, t, h, &prompt);
+    } else if (o->conversation) {
+        struct rn_conv c;
+        rc = conv_from_opts(o, &c);
+        rn_conv_free(&c);
+    }
+    if (!rc && o->max_context && prompt.n >= (size_t)o->max_context)
+        rc = err1("the prompt is %zu tokens but the context holds %d (--max-context): shorten "
+                  "it or raise --max-context", prompt.n, o->max_context);
 #if RN_HAVE_MODEL && RN_HAVE_ENGINE
-    return gen_main(o, t, h, tokpath);
+    FILE *lf = NULL;
+    if (!rc && o->logits_path && !(lf = fopen(o->logits_path, "wb")))
+        rc = err1("--logits %s: %s", o->logits_path, strerror(errno));
+    if (!rc)
+        rc = gen_main(o, t, h, tokpath, &prompt, lf);   /* closes lf */
+    else if (lf)
+        fclose(lf);
 #else
-    (void)o;
-    (void)t;
-    (void)h;
     (void)tokpath;
 #if !BNBFS_HAVE_CUDA
-    return err1("this build of bnbfs-run has no CUDA (built with -Dcuda=disabled or without "
-                "nvcc): generation is unavailable; --tokenize, --detokenize, --render, "
-                "--parse-ids%s work", RN_HAVE_MODEL ? " and --check" : "");
+    if (!rc)
+        rc = err1("this build of bnbfs-run has no CUDA (built with -Dcuda=disabled or without "
+                  "nvcc): generation is unavailable; --tokenize, --detokenize, --render, "
+                  "--parse-ids%s work", RN_HAVE_MODEL ? " and --check" : "");
 #else
-    return err1("this build of bnbfs-run has no %s yet: generation is unavailable; "
-                "--tokenize, --detokenize, --render and --parse-ids work",
-                RN_HAVE_MODEL ? "CUDA engine (runner/engine.c)" : "model loader (runner/model.c)");
+    if (!rc)
+        rc = err1("this build of bnbfs-run has no %s: generation is unavailable; --tokenize, "
+                  "--detokenize, --render and --parse-ids work",
+                  RN_HAVE_MODEL ? "CUDA engine (runner/engine.c)" : "model loader (runner/model.c)");
 #endif
 #endif
+    rn_ids_free(&prompt);
+    return rc;
 }
 
 /* -------------------------------------------------------------- main */

@@ -30,6 +30,9 @@ void rn_opts_usage(FILE *f)
 "  --show-reasoning       print the analysis channel to stderr\n"
 "  --chat                 interactive multi-turn chat (/reset, /exit); PROMPT, if\n"
 "                         given, is the first message\n"
+"  --conversation FILE    earlier messages, one JSON object per line as\n"
+"                         --parse-ids prints them ({\"role\": \"user\", \"content\": ..});\n"
+"                         PROMPT, if given, is added as the next user message\n"
 "  --raw                  PROMPT is plain text: no template, all output printed\n"
 "  --ids \"1 2 3\"          exact input token ids instead of PROMPT (output is\n"
 "                         parsed as harmony unless --raw)\n"
@@ -76,11 +79,12 @@ enum {
     O_SYSTEM = 256, O_DATE, O_REASONING, O_SHOW_REASONING, O_CHAT, O_RAW, O_IDS,
     O_TEMPERATURE, O_TOP_P, O_TOP_K, O_SEED, O_MAX_TOKENS, O_MAX_CONTEXT, O_DEVICE,
     O_VRAM_BUDGET, O_NO_GRAPHS, O_STATS, O_LOGITS, O_CHECK, O_TOKENIZE, O_DETOKENIZE,
-    O_RENDER, O_PARSE_IDS,
+    O_RENDER, O_PARSE_IDS, O_CONVERSATION,
 };
 
 static const struct option k_long[] = {
     {"system", required_argument, NULL, O_SYSTEM},
+    {"conversation", required_argument, NULL, O_CONVERSATION},
     {"date", required_argument, NULL, O_DATE},
     {"reasoning", required_argument, NULL, O_REASONING},
     {"show-reasoning", no_argument, NULL, O_SHOW_REASONING},
@@ -233,6 +237,7 @@ int rn_opts_parse(int argc, char **argv, struct rn_opts *o, char *err, size_t er
         case 'V': version = true; break;
         case 'z': o->nul = true; break;
         case O_SYSTEM: o->system = arg; break;
+        case O_CONVERSATION: o->conversation = arg; break;
         case O_DATE:
             if (!valid_date(arg))
                 return fail(err, errlen, "--date: expected a date as YYYY-MM-DD, got '%s'", arg);
@@ -337,13 +342,15 @@ int rn_opts_parse(int argc, char **argv, struct rn_opts *o, char *err, size_t er
     const char *mf = mode_flag;
     switch (o->mode) {
     case RN_MODE_GENERATE:
-        if (o->prompt && o->have_ids)
-            return fail(err, errlen, "give PROMPT or --ids, not both");
-        if (!o->prompt && !o->have_ids)
-            return fail(err, errlen, "missing PROMPT (an argument, '-' for stdin, --ids, or "
-                        "--chat)");
-        if (o->raw && (o->system || o->date[0]))
-            return fail(err, errlen, "--raw has no template: --system and --date do not apply");
+        if (o->have_ids && (o->prompt || o->conversation))
+            return fail(err, errlen, "--ids replaces the prompt: not with PROMPT or "
+                        "--conversation");
+        if (!o->prompt && !o->have_ids && !o->conversation)
+            return fail(err, errlen, "missing PROMPT (an argument, '-' for stdin, --ids, "
+                        "--conversation or --chat)");
+        if (o->raw && (o->system || o->date[0] || o->conversation))
+            return fail(err, errlen, "--raw has no template: --system, --date and "
+                        "--conversation do not apply");
         if (o->raw && o->show_reasoning)
             return fail(err, errlen, "--raw prints everything: --show-reasoning does not apply");
         break;
@@ -352,8 +359,8 @@ int rn_opts_parse(int argc, char **argv, struct rn_opts *o, char *err, size_t er
             return fail(err, errlen, "--chat uses the chat template: not with --raw or --ids");
         break;
     case RN_MODE_RENDER:
-        if (!o->prompt)
-            return fail(err, errlen, "--render needs a PROMPT");
+        if (!o->prompt && !o->conversation)
+            return fail(err, errlen, "--render needs a PROMPT or --conversation");
         if (o->raw || o->have_ids)
             return fail(err, errlen, "--render renders the chat template: not with --raw or "
                         "--ids");

@@ -34,6 +34,7 @@ struct rn_opts {
     const char *prompt;             /* PROMPT, "-" = stdin; NULL when absent */
     /* chat template */
     const char *system;             /* --system: developer instructions */
+    const char *conversation;       /* --conversation FILE: earlier messages (JSON lines) */
     char date[16];                  /* --date YYYY-MM-DD, "" when absent */
     enum rn_effort effort;          /* --reasoning */
     bool raw;                       /* --raw: no template, plain output */
