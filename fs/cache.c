@@ -25,6 +25,7 @@
 #include <errno.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 
 #include <xxhash.h>
 
@@ -108,16 +109,29 @@ static void hash_remove(struct fs_cache *k, struct fs_slice *e)
 
 /* --------------------------------------------------------------- memory */
 
-static size_t slice_cap(uint64_t len)
+/* Bytes a slice's buffer takes. Slices of more than half the largest one
+ * (nearly all of them in a real checkpoint: full slices and most expert
+ * tails) share one capacity, so every freed buffer fits the next slice and
+ * the pool recycles memory that is already faulted in; small ones round up. */
+static size_t slice_cap(const struct fs_core *c, uint64_t len)
 {
+    size_t big = (size_t)fs_round_up(c->max_slice, 4096);
+    if (len > c->max_slice / 2 && len >= (256u << 10)) return big;
     if (len < 64) return 64;
     return len < (64u << 10) ? fs_round_up(len, 64) : fs_round_up(len, 4096);
 }
 
+#define HUGE_PAGE (2u << 20)
+
+/* Large buffers are aligned to and advised as transparent huge pages: one
+ * fault instead of 512 the first time, and fewer TLB misses when the kernel
+ * copies replies out of them. */
 static void *buf_alloc(size_t cap)
 {
     void *p = NULL;
-    if (posix_memalign(&p, cap >= 4096 ? 4096 : 64, cap)) return NULL;
+    size_t align = cap >= HUGE_PAGE ? HUGE_PAGE : cap >= 4096 ? 4096 : 64;
+    if (posix_memalign(&p, align, cap)) return NULL;
+    if (cap >= HUGE_PAGE) madvise(p, cap & ~(size_t)(HUGE_PAGE - 1), MADV_HUGEPAGE);
     return p;
 }
 
@@ -188,6 +202,14 @@ static int reserve(struct fs_core *c, size_t cap, uint64_t limit, void **buf, bo
             *buf = b;
             return 0;
         }
+        /* Slices sequential readers are done with go first, even with room
+         * to spare: their buffers are faulted in and likely still cached,
+         * and a streaming read then needs only its read-ahead window. */
+        if (k->lru.head && k->lru.head->consumed) {
+            entry_free(k, k->lru.head);
+            atomic_fetch_add_explicit(&c->stats.evictions, 1, memory_order_relaxed);
+            continue;
+        }
         if (k->reserved + k->pooled + cap <= limit) {
             k->reserved += cap;
             note_peak(k);
@@ -253,7 +275,7 @@ int fs_cache_init(struct fs_core *c)
     pthread_cond_init(&k->mem_cv, NULL);
     k->limit = c->opts.cache_bytes;
     /* Read-ahead leaves room for a demand slice per compute thread. */
-    k->demand_margin = (uint64_t)(c->nthreads + 2) * slice_cap(c->max_slice);
+    k->demand_margin = (uint64_t)(c->nthreads + 2) * slice_cap(c, c->max_slice);
     size_t want = c->total_slices < (1u << 22) ? (size_t)c->total_slices : (1u << 22);
     k->nbucket = 1024;
     while (k->nbucket < want) k->nbucket *= 2;
@@ -287,6 +309,7 @@ void fs_cache_stop(struct fs_core *c)
 void fs_cache_fini(struct fs_core *c)
 {
     struct fs_cache *k = &c->cache;
+
     if (k->bucket) {
         for (size_t i = 0; i < k->nbucket; i++) {
             struct fs_slice *e = k->bucket[i];
@@ -311,16 +334,20 @@ void fs_cache_fini(struct fs_core *c)
     pthread_cond_destroy(&k->mem_cv);
 }
 
-static void put_locked(struct fs_core *c, struct fs_slice *e, bool consumed)
+static void put_locked(struct fs_core *c, struct fs_slice *e, uint64_t bytes_read)
 {
     struct fs_cache *k = &c->cache;
+    /* Counted over every reader: the kernel's requests for the head and
+     * the tail of a slice may arrive and finish in any order. */
+    e->bytes_read += bytes_read;
+    if (e->bytes_read >= e->job.len) e->consumed = true;
     if (--e->refs) return;
     if (e->dead) {
         if (e->state != FS_SL_RUNNING) entry_free(k, e);
         return;
     }
     if (e->state == FS_SL_READY) {
-        if (consumed) list_push_head(&k->lru, e);
+        if (e->consumed) list_push_head(&k->lru, e);
         else list_push_tail(&k->lru, e);
         wake_mem(k);
     } else if (e->state == FS_SL_FAILED && e->err != -EIO) {
@@ -328,10 +355,10 @@ static void put_locked(struct fs_core *c, struct fs_slice *e, bool consumed)
     }
 }
 
-void fs_slice_put(struct fs_core *c, struct fs_slice *e, bool consumed)
+void fs_slice_put(struct fs_core *c, struct fs_slice *e, uint64_t bytes_read)
 {
     pthread_mutex_lock(&c->cache.lock);
-    put_locked(c, e, consumed);
+    put_locked(c, e, bytes_read);
     pthread_mutex_unlock(&c->cache.lock);
 }
 
@@ -374,7 +401,7 @@ int fs_slice_get(struct fs_core *c, uint32_t tensor, uint64_t slice, int flags,
         }
         uint64_t off, len;
         dq_out_slice_range(t->o, slice, &off, &len);
-        size_t cap = slice_cap(len);
+        size_t cap = slice_cap(c, len);
         void *buf;
         int r = reserve(c, cap, k->limit, &buf, !(flags & FS_GET_NOWAIT_MEM));
         if (r < 0) { pthread_mutex_unlock(&k->lock); return r; }
@@ -402,7 +429,7 @@ int fs_slice_get(struct fs_core *c, uint32_t tensor, uint64_t slice, int flags,
         return 0;
     }
     err = e->state == FS_SL_FAILED ? e->err : -EIO;
-    put_locked(c, e, false);
+    put_locked(c, e, 0);
     pthread_mutex_unlock(&k->lock);
     return err;
 }
@@ -419,7 +446,7 @@ int fs_slice_prefetch(struct fs_core *c, uint32_t tensor, uint64_t slice)
     if (hash_find(k, key, tensor, slice)) goto out;
     uint64_t off, len;
     dq_out_slice_range(t->o, slice, &off, &len);
-    size_t cap = slice_cap(len);
+    size_t cap = slice_cap(c, len);
     uint64_t limit = k->limit > k->demand_margin ? k->limit - k->demand_margin : 0;
     void *buf;
     if (reserve(c, cap, limit, &buf, false)) { err = -EAGAIN; goto out; }

@@ -139,7 +139,7 @@ struct fs_reply {
     struct fs_core *c;
     int nref;
     struct fs_slice *ref[FS_REPLY_MAXIOV];
-    uint32_t consumed;                  /* bit i: the read ends slice ref[i] */
+    uint32_t ref_bytes[FS_REPLY_MAXIOV]; /* bytes read from ref[i] */
     void *bounce;                       /* owned, or NULL */
     size_t bounce_cap;
 };

@@ -89,6 +89,8 @@ struct fs_slice {
     int err;                    /* FAILED: -errno */
     uint32_t refs;              /* readers holding or waiting for it */
     bool demand;                /* a reader waits: on the demand queue */
+    uint64_t bytes_read;        /* bytes readers copied out of it so far */
+    bool consumed;              /* every byte was read once: recycle it first */
     bool dead;                  /* removed from the table; freed on last put */
     bool in_hash;
     struct fs_slice *hnext;     /* hash chain */
@@ -196,8 +198,9 @@ enum { FS_GET_WAIT = 0, FS_GET_NOWAIT_MEM = 1 };
  * getting it would mean waiting for memory. */
 int fs_slice_get(struct fs_core *c, uint32_t tensor, uint64_t slice, int flags,
                  struct fs_slice **out);
-/* consumed: the reader is done with the slice's end: evict it first. */
-void fs_slice_put(struct fs_core *c, struct fs_slice *e, bool consumed);
+/* bytes_read: how much the reader copied out; once a slice's every byte
+ * was read (sequential readers), it is the first to be recycled. */
+void fs_slice_put(struct fs_core *c, struct fs_slice *e, uint64_t bytes_read);
 /* Queues a read-ahead computation if the slice is absent and memory is
  * free; -EAGAIN when it is not (stop prefetching), 0 otherwise. */
 int fs_slice_prefetch(struct fs_core *c, uint32_t tensor, uint64_t slice);

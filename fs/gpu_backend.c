@@ -30,8 +30,12 @@
 #include "fs_int.h"
 #include "kernels.h"
 
-#define GPU_THREADS 4   /* submitting threads = kn lanes */
+#define GPU_THREADS 8   /* submitting threads = kn lanes: while one waits for
+                         * its download or copies out, the others keep the
+                         * link and the GPU busy */
 #define GPU_PULL 32     /* jobs per pull (about 64 MiB of F16 slices) */
+#define GPU_LANE_IN (16u << 20)   /* a whole gpt-oss gate_up expert's codes + scales fit */
+#define GPU_LANE_OUT (32u << 20)  /* and its F16 output (31.6 MiB) */
 
 struct gpu_engine;
 
@@ -161,7 +165,8 @@ static int gpu_start(struct fs_core *c, void *ctx)
                "gpu=%s: no usable GPU (%s); computing on %u CPU threads", g, why, c->nthreads);
         return 0; /* not an error: the CPU engine serves every read */
     }
-    struct kn_ctx_opts ko = {.device = e->device, .nlanes = GPU_THREADS};
+    struct kn_ctx_opts ko = {.device = e->device, .nlanes = GPU_THREADS,
+                             .lane_out_bytes = GPU_LANE_OUT, .lane_in_bytes = GPU_LANE_IN};
     int err = kn_ctx_new(&ko, &e->kn);
     if (err) {
         dq_log(DQ_LOG_WARN, "gpu", "gpu=%s: cannot use %s (%s, see above); computing on %u CPU "

@@ -112,14 +112,13 @@ static void reply_init(struct fs_reply *r, struct fs_core *c)
     r->len = 0;
     r->c = c;
     r->nref = 0;
-    r->consumed = 0;
     r->bounce = NULL;
     r->bounce_cap = 0;
 }
 
 void fs_reply_release(struct fs_reply *r)
 {
-    for (int i = 0; i < r->nref; i++) fs_slice_put(r->c, r->ref[i], (r->consumed >> i) & 1);
+    for (int i = 0; i < r->nref; i++) fs_slice_put(r->c, r->ref[i], r->ref_bytes[i]);
     r->nref = 0;
     free(r->bounce);
     r->bounce = NULL;
@@ -137,9 +136,8 @@ static int to_bounce(struct fs_reply *r, size_t cap)
         memcpy(b + pos, r->iov[i].iov_base, r->iov[i].iov_len);
         pos += r->iov[i].iov_len;
     }
-    for (int i = 0; i < r->nref; i++) fs_slice_put(r->c, r->ref[i], (r->consumed >> i) & 1);
+    for (int i = 0; i < r->nref; i++) fs_slice_put(r->c, r->ref[i], r->ref_bytes[i]);
     r->nref = 0;
-    r->consumed = 0;
     r->bounce = b;
     r->bounce_cap = cap;
     r->iov[0].iov_base = b;
@@ -170,7 +168,7 @@ static int add_mem(struct fs_reply *r, const void *p, size_t n, size_t total)
 
 /* Appends bytes [in_off, in_off + n) of slice s of a tensor. */
 static int add_slice(struct fs_reply *r, uint32_t tensor, uint64_t s, uint64_t in_off, size_t n,
-                     bool consumed, size_t total)
+                     size_t total)
 {
     struct fs_core *c = r->c;
     struct fs_slice *e;
@@ -179,7 +177,7 @@ static int add_slice(struct fs_reply *r, uint32_t tensor, uint64_t s, uint64_t i
         err = fs_slice_get(c, tensor, s, r->nref ? FS_GET_NOWAIT_MEM : FS_GET_WAIT, &e);
         if (!err) {
             r->ref[r->nref] = e;
-            if (consumed) r->consumed |= 1u << r->nref;
+            r->ref_bytes[r->nref] = (uint32_t)n;
             r->nref++;
             r->iov[r->niov].iov_base = (char *)e->buf + in_off;
             r->iov[r->niov].iov_len = n;
@@ -197,7 +195,7 @@ static int add_slice(struct fs_reply *r, uint32_t tensor, uint64_t s, uint64_t i
     memcpy((char *)r->bounce + r->iov[0].iov_len, (char *)e->buf + in_off, n);
     r->iov[0].iov_len += n;
     r->len += n;
-    fs_slice_put(c, e, consumed);
+    fs_slice_put(c, e, n);
     return 0;
 }
 
@@ -306,8 +304,7 @@ static int read_data(struct fs_file *f, uint64_t off, uint64_t end, struct fs_re
             uint64_t s = dq_out_slice_at(t->o, a), soff, slen;
             dq_out_slice_range(t->o, s, &soff, &slen);
             uint64_t piece = (b < soff + slen ? b : soff + slen) - a;
-            err = add_slice(r, x->tensor, s, a - soff, (size_t)piece, a + piece == soff + slen,
-                            total);
+            err = add_slice(r, x->tensor, s, a - soff, (size_t)piece, total);
             if (err) { err = tensor_fail(c, n, t, err); break; }
             a += piece;
         }
