@@ -88,6 +88,48 @@ __device__ __forceinline__ typename out_t<OUT>::type round_out(float v, unsigned
         return v;
 }
 
+/* True when no product table[n] * a (|table| <= 1) can reach the output's
+ * saturation edge (F16 65520, BF16 0x7f7f8000), so a fast path may round
+ * without per-value checks; false for NaN. F32 never saturates here. */
+template <int OUT>
+__device__ __forceinline__ bool no_sat(float a)
+{
+    if constexpr (OUT == OUT_F16)
+        return fabsf(a) < 65504.0f;
+    else if constexpr (OUT == OUT_BF16)
+        return fabsf(a) < 3.38953139e38f;
+    else
+        return true;
+}
+
+/* Bits below which an f32 rounds to a finite, unsaturated F16/BF16. */
+template <int OUT> __host__ __device__ constexpr uint32_t fin_lim() { return OUT == OUT_F16 ? 0x477ff000u : 0x7f7f8000u; }
+
+/* Two finite, unsaturated values rounded to nearest even in one paired
+ * conversion (cvt.rn.{f16,bf16}x2.f32): x in the low half, as in memory. */
+template <int OUT>
+__device__ __forceinline__ uint32_t pack2(float x, float y)
+{
+    uint32_t u;
+    if constexpr (OUT == OUT_F16) {
+        __half2 h = __floats2half2_rn(x, y);
+        memcpy(&u, &h, 4);
+    } else {
+        __nv_bfloat162 b = __floats2bfloat162_rn(x, y);
+        memcpy(&u, &b, 4);
+    }
+    return u;
+}
+
+/* Adds the threads' saturation counts to the counters: one atomic per warp
+ * (every lane of the warp must call it; blocks are multiples of 32). */
+__device__ __forceinline__ void flush_sat(kn_counters *cnt, unsigned sat)
+{
+    const unsigned tot = __reduce_add_sync(0xffffffffu, sat);
+    if ((threadIdx.x & 31) == 0 && tot)
+        atomicAdd(&cnt->saturated, (unsigned long long)tot);
+}
+
 /* ---------------------------------------------------------- 4-bit data */
 
 /* Kernel-side copy of struct kn_q4 (by value, in the parameter bank). */
@@ -212,7 +254,9 @@ k_deq4_flat(q4p q, uint64_t k0, uint64_t n, void *dst, kn_counters *cnt)
                 const int byte = e >> 1;
                 const unsigned nb = (w >> (8 * byte + ((e & 1) ? 0 : 4))) & 0xfu;
                 const float a = sa[((k0 + i + e) >> q.lbs) - b0];
-                o[e] = round_out<OUT>(__fmul_rn(tab[nb], a), sat);
+                unsigned s1 = 0;
+                o[e] = round_out<OUT>(__fmul_rn(tab[nb], a), s1);
+                sat += i + e < iend ? s1 : 0; /* only stored elements count */
             }
             T *d = (T *)dst + i;
             if (i + VEC <= iend) {
@@ -224,8 +268,7 @@ k_deq4_flat(q4p q, uint64_t k0, uint64_t n, void *dst, kn_counters *cnt)
         }
         __syncthreads();
     }
-    if (sat)
-        atomicAdd(&cnt->saturated, (unsigned long long)sat);
+    flush_sat(cnt, sat);
 }
 
 /* Any alignment (k0 odd, unaligned pointers): one element per thread. */
@@ -247,8 +290,78 @@ k_deq4_flat_any(q4p q, uint64_t k0, uint64_t n, void *dst, kn_counters *cnt)
         const float a = scale_of(q, k >> q.lbs, cnt);
         ((T *)dst)[i] = round_out<OUT>(__fmul_rn(tab[nb], a), sat);
     }
-    if (sat)
-        atomicAdd(&cnt->saturated, (unsigned long long)sat);
+    flush_sat(cnt, sat);
+}
+
+/* v2 of k_deq4_flat (same tiles, same preconditions): in-tile offsets in
+ * 32 bits, one scale per chunk (a chunk of VEC elements lies in one block
+ * whenever k0 % VEC == 0), and when that scale cannot saturate, products
+ * rounded in pairs without per-value checks. Other chunks (a block edge, a
+ * saturating scale, the tail) take the exact per-element path. */
+template <int OUT>
+__global__ void __launch_bounds__(FLAT_THREADS)
+k_deq4_flat2(q4p q, uint64_t k0, uint64_t n, void *dst, kn_counters *cnt)
+{
+    typedef typename out_t<OUT>::type T;
+    constexpr int VEC = 16 / sizeof(T);
+    constexpr int STEPS = FLAT_TILE / VEC / FLAT_THREADS;
+    __shared__ float tab[16];
+    __shared__ uint4 sc[FLAT_THREADS];
+    __shared__ float sa[FLAT_MAXBLK];
+    const int t = threadIdx.x;
+    if (t < 16)
+        tab[t] = q.table[t];
+    const uint8_t *codes = q.codes + ((k0 - q.code_base) >> 1);
+    const uint64_t nbytes = (n + 1) >> 1;
+    const uint64_t ntiles = (n + FLAT_TILE - 1) / FLAT_TILE;
+    const uint32_t lbs = q.lbs;
+    unsigned sat = 0;
+    for (uint64_t tile = blockIdx.x; tile < ntiles; tile += gridDim.x) {
+        const uint64_t i0 = tile * FLAT_TILE;
+        const uint32_t nin = (uint32_t)(n - i0 < (uint64_t)FLAT_TILE ? n - i0 : FLAT_TILE);
+        sc[t] = load16_guarded(codes, i0 / 2 + (uint64_t)t * 16, nbytes);
+        const uint64_t b0 = (k0 + i0) >> lbs, b1 = (k0 + i0 + nin - 1) >> lbs;
+        for (uint64_t b = b0 + t; b <= b1; b += FLAT_THREADS)
+            sa[b - b0] = scale_of(q, b, cnt);
+        /* block of tile element e: (off0 + e) >> lbs - b0 */
+        const uint32_t off0 = (uint32_t)((k0 + i0) & ((1ull << lbs) - 1));
+        __syncthreads();
+#pragma unroll
+        for (int j = 0; j < STEPS; j++) {
+            const uint32_t ch = j * FLAT_THREADS + t, e0 = ch * VEC;
+            if (e0 >= nin)
+                break;
+            const uint32_t w = VEC == 8 ? ((const uint32_t *)sc)[ch] : ((const uint16_t *)sc)[ch];
+            const uint32_t ba = (off0 + e0) >> lbs, bb = (off0 + e0 + VEC - 1) >> lbs;
+            const float a = sa[ba];
+            T *d = (T *)dst + i0 + e0;
+            if (e0 + VEC <= nin && ba == bb && no_sat<OUT>(a)) {
+                uint4 r;
+                if constexpr (OUT == OUT_F32) {
+                    r.x = __float_as_uint(__fmul_rn(tab[(w >> 4) & 15], a));
+                    r.y = __float_as_uint(__fmul_rn(tab[w & 15], a));
+                    r.z = __float_as_uint(__fmul_rn(tab[(w >> 12) & 15], a));
+                    r.w = __float_as_uint(__fmul_rn(tab[(w >> 8) & 15], a));
+                } else {
+                    uint32_t p[4];
+#pragma unroll
+                    for (int b = 0; b < 4; b++) {
+                        const uint32_t byte = (w >> (8 * b)) & 0xffu;
+                        p[b] = pack2<OUT>(__fmul_rn(tab[byte >> 4], a), __fmul_rn(tab[byte & 15], a));
+                    }
+                    r = make_uint4(p[0], p[1], p[2], p[3]);
+                }
+                *(uint4 *)d = r;
+            } else {
+                for (uint32_t e = 0; e < (uint32_t)VEC && e0 + e < nin; e++) {
+                    const unsigned nb = (w >> (8 * (e >> 1) + ((e & 1) ? 0 : 4))) & 0xfu;
+                    d[e] = round_out<OUT>(__fmul_rn(tab[nb], sa[(off0 + e0 + e) >> lbs]), sat);
+                }
+            }
+        }
+        __syncthreads();
+    }
+    flush_sat(cnt, sat);
 }
 
 /* ----------------------------------------------------- FUSE_T: kernel */
@@ -302,8 +415,11 @@ k_deq4_fuse_t(q4p q, fusep f, void *dst, kn_counters *cnt)
                 const uint4 v = __ldg((const uint4 *)(q.codes + c * f.pitch + ((g - f.rb) >> 1)));
                 const float a = scale_of(q, (kc + g) >> q.lbs, cnt);
 #pragma unroll
-                for (int i = 0; i < 32; i++)
-                    tile[32 * hh + i][cl] = round_out<OUT>(__fmul_rn(tab[nib32(v, i)], a), sat);
+                for (int i = 0; i < 32; i++) {
+                    unsigned s1 = 0;
+                    tile[32 * hh + i][cl] = round_out<OUT>(__fmul_rn(tab[nib32(v, i)], a), s1);
+                    sat += g + i >= f.r0 && g + i < f.r1 ? s1 : 0; /* stored rows only */
+                }
             } else {
                 uint64_t lastb = ~0ull;
                 float a = 0.0f;
@@ -315,7 +431,9 @@ k_deq4_fuse_t(q4p q, fusep f, void *dst, kn_counters *cnt)
                         lastb = k >> q.lbs;
                         a = scale_of(q, lastb, cnt);
                     }
-                    tile[32 * hh + i][cl] = round_out<OUT>(__fmul_rn(tab[nb], a), sat);
+                    unsigned s1 = 0;
+                    tile[32 * hh + i][cl] = round_out<OUT>(__fmul_rn(tab[nb], a), s1);
+                    sat += g + i >= f.r0 && g + i < f.r1 ? s1 : 0;
                 }
             }
         }
@@ -338,8 +456,111 @@ k_deq4_fuse_t(q4p q, fusep f, void *dst, kn_counters *cnt)
         }
         __syncthreads();
     }
-    if (sat)
-        atomicAdd(&cnt->saturated, (unsigned long long)sat);
+    flush_sat(cnt, sat);
+}
+
+/* v2 of k_deq4_fuse_t: 128 (r) x 64 (c) tiles; thread t takes the two
+ * adjacent source rows c = ct + 2*(t % 32) + {0, 1} and the 32-column group
+ * t / 32 (one warp per group): two 16-byte loads in flight, and each r
+ * gets one 4-byte (F16/BF16 pair, rounded together) or 8-byte (F32 pair)
+ * shared-memory store instead of two. Same contract and paths as v1. */
+constexpr int FT2_TR = 128;
+constexpr int FT2_TC = 64;
+
+template <int OUT>
+__global__ void __launch_bounds__(FT_THREADS)
+k_deq4_fuse_t2(q4p q, fusep f, void *dst, kn_counters *cnt)
+{
+    typedef typename out_t<OUT>::type T;
+    constexpr int VEC = 16 / sizeof(T);
+    constexpr int CPR = FT2_TC / VEC;
+    constexpr int STEPS = FT2_TR * CPR / FT_THREADS;
+    __shared__ float tab[16];
+    __shared__ __align__(16) T tile[FT2_TR][FT2_TC];
+    const int t = threadIdx.x;
+    if (t < 16)
+        tab[t] = q.table[t];
+    __syncthreads();
+    unsigned sat = 0;
+    const int cp = t & 31, h = t >> 5;
+    const uint64_t ct = (uint64_t)blockIdx.x * FT2_TC;
+    const uint64_t c0 = ct + 2 * cp, c1 = c0 + 1;
+    const bool v1 = c1 < f.C;
+    for (uint64_t ty = blockIdx.y; ty < f.tiles_y; ty += gridDim.y) {
+        const uint64_t rt = f.rb + ty * FT2_TR;
+        const uint64_t g = rt + 32 * (uint64_t)h;
+        if (c0 < f.C && g < f.r1 && g < f.re && g + 32 > f.r0) {
+            const int ilo = g >= f.r0 ? 0 : (int)(f.r0 - g);          /* stored rows [ilo, ihi) */
+            const int ihi = g + 32 <= f.r1 ? 32 : (int)(f.r1 - g);
+            T *row = &tile[32 * h][2 * cp];
+            if (f.fast && g + 32 <= f.re) {
+                const uint8_t *p0 = q.codes + c0 * f.pitch + ((g - f.rb) >> 1);
+                const uint4 x0 = __ldg((const uint4 *)p0);
+                const uint4 x1 = v1 ? __ldg((const uint4 *)(p0 + f.pitch)) : make_uint4(0, 0, 0, 0);
+                const float a0 = scale_of(q, (c0 * f.R + g) >> q.lbs, cnt);
+                const float a1 = v1 ? scale_of(q, (c1 * f.R + g) >> q.lbs, cnt) : 0.0f;
+                if (no_sat<OUT>(a0) && no_sat<OUT>(a1)) {
+#pragma unroll
+                    for (int i = 0; i < 32; i++) {
+                        const float y0 = __fmul_rn(tab[nib32(x0, i)], a0);
+                        const float y1 = __fmul_rn(tab[nib32(x1, i)], a1);
+                        if constexpr (OUT == OUT_F32)
+                            *(float2 *)(row + i * FT2_TC) = make_float2(y0, y1);
+                        else
+                            *(uint32_t *)(row + i * FT2_TC) = pack2<OUT>(y0, y1);
+                    }
+                } else {
+#pragma unroll
+                    for (int i = 0; i < 32; i++) {
+                        unsigned s0 = 0, s1 = 0;
+                        row[i * FT2_TC] = round_out<OUT>(__fmul_rn(tab[nib32(x0, i)], a0), s0);
+                        row[i * FT2_TC + 1] = round_out<OUT>(__fmul_rn(tab[nib32(x1, i)], a1), s1);
+                        sat += i >= ilo && i < ihi ? s0 + s1 : 0;
+                    }
+                }
+            } else {
+                for (int k = 0; k < 2; k++) {
+                    const uint64_t c = c0 + k;
+                    if (c >= f.C)
+                        break;
+                    const uint64_t kc = c * f.R;
+                    const uint64_t rowbyte = c * f.pitch - ((kc + f.rb) >> 1);
+                    uint64_t lastb = ~0ull;
+                    float a = 0.0f;
+                    for (int i = 0; i < 32 && g + i < f.re; i++) {
+                        const uint64_t kk = kc + g + i;
+                        const uint8_t byte = __ldg(q.codes + rowbyte + (kk >> 1));
+                        const unsigned nb = (kk & 1) ? (byte & 0xfu) : (byte >> 4);
+                        if ((kk >> q.lbs) != lastb) {
+                            lastb = kk >> q.lbs;
+                            a = scale_of(q, lastb, cnt);
+                        }
+                        unsigned s1 = 0;
+                        row[i * FT2_TC + k] = round_out<OUT>(__fmul_rn(tab[nb], a), s1);
+                        sat += i >= ilo && i < ihi ? s1 : 0;
+                    }
+                }
+            }
+        }
+        __syncthreads();
+#pragma unroll 4
+        for (int j = 0; j < STEPS; j++) {
+            const int ch = j * FT_THREADS + t;
+            const int rl = ch / CPR, cc = (ch % CPR) * VEC;
+            const uint64_t r = rt + rl, cs = ct + cc;
+            if (r < f.r0 || r >= f.r1 || cs >= f.C)
+                continue;
+            T *d = (T *)dst + (r - f.r0) * f.C + cs;
+            if (f.vstore && cs + VEC <= f.C) {
+                *(uint4 *)d = *(const uint4 *)&tile[rl][cc];
+            } else {
+                for (int e = 0; e < VEC && cs + e < f.C; e++)
+                    d[e] = tile[rl][cc + e];
+            }
+        }
+        __syncthreads();
+    }
+    flush_sat(cnt, sat);
 }
 
 /* ---------------------------------------------------- plain conversion */
@@ -437,11 +658,70 @@ k_convert(const void *src, uint64_t n, void *dst, int vec, kn_counters *cnt)
                 ((T *)dst)[i] = round_out<OUT>(load_in<IN, OUT>(((const I *)src)[i], sat), sat);
         }
     }
-    if (sat)
-        atomicAdd(&cnt->saturated, (unsigned long long)sat);
+    flush_sat(cnt, sat);
+}
+
+/* v2 of k_convert: when all 8 values of a step are finite and cannot
+ * saturate, they are rounded in pairs without per-value checks; otherwise
+ * each goes through the exact path. */
+template <int IN, int OUT>
+__global__ void __launch_bounds__(CV_THREADS)
+k_convert2(const void *src, uint64_t n, void *dst, int vec, kn_counters *cnt)
+{
+    typedef typename in_t<IN>::type I;
+    typedef typename out_t<OUT>::type T;
+    constexpr int OVEC = 16 / sizeof(T);
+    constexpr int IVEC = 16 / sizeof(I);
+    unsigned sat = 0;
+    const uint64_t nch = (n + CV_VEC - 1) / CV_VEC;
+    for (uint64_t ch = (uint64_t)blockIdx.x * CV_THREADS + threadIdx.x; ch < nch;
+         ch += (uint64_t)gridDim.x * CV_THREADS) {
+        const uint64_t i0 = ch * CV_VEC;
+        if (vec && i0 + CV_VEC <= n) {
+            union { uint4 v[CV_VEC / IVEC]; I e[CV_VEC]; } x;
+            union { uint4 v[CV_VEC / OVEC]; T e[CV_VEC]; uint32_t p[CV_VEC / 2]; } o;
+#pragma unroll
+            for (int k = 0; k < CV_VEC / IVEC; k++)
+                x.v[k] = __ldg((const uint4 *)((const I *)src + i0) + k);
+            float fv[CV_VEC];
+#pragma unroll
+            for (int k = 0; k < CV_VEC; k++)
+                fv[k] = load_in<IN, OUT>(x.e[k], sat);
+            if constexpr (OUT == OUT_F32) {
+#pragma unroll
+                for (int k = 0; k < CV_VEC; k++)
+                    o.e[k] = fv[k];
+            } else {
+                uint32_t worst = 0;
+#pragma unroll
+                for (int k = 0; k < CV_VEC; k++)
+                    worst = max(worst, __float_as_uint(fv[k]) & 0x7fffffffu);
+                if (worst < fin_lim<OUT>()) {
+#pragma unroll
+                    for (int k = 0; k < CV_VEC / 2; k++)
+                        o.p[k] = pack2<OUT>(fv[2 * k], fv[2 * k + 1]);
+                } else {
+#pragma unroll
+                    for (int k = 0; k < CV_VEC; k++)
+                        o.e[k] = round_out<OUT>(fv[k], sat);
+                }
+            }
+#pragma unroll
+            for (int k = 0; k < CV_VEC / OVEC; k++)
+                ((uint4 *)((T *)dst + i0))[k] = o.v[k];
+        } else {
+            for (uint64_t i = i0; i < i0 + CV_VEC && i < n; i++)
+                ((T *)dst)[i] = round_out<OUT>(load_in<IN, OUT>(((const I *)src)[i], sat), sat);
+        }
+    }
+    flush_sat(cnt, sat);
 }
 
 /* ---------------------------------------------------------- launchers */
+
+/* Kernel generation: 2 (default) or 1, the first version kept while v2 is
+ * being verified on a GPU; set by tests and benchmarks (kn_internal.h). */
+int g_variant = 2;
 
 unsigned grid_for(uint64_t items, unsigned per_block)
 {
@@ -468,7 +748,15 @@ int launch_deq4_flat(const q4p &p, uint64_t k0, uint64_t n, int out, void *dst, 
 {
     const uint8_t *first = p.codes + ((k0 - p.code_base) >> 1);
     const bool fast = (k0 & 1) == 0 && aligned16(first) && aligned16(dst);
-    if (fast) {
+    if (fast && g_variant == 2) {
+        const unsigned g = grid_for(n, FLAT_TILE);
+        if (out == OUT_F16)
+            k_deq4_flat2<OUT_F16><<<g, FLAT_THREADS, 0, st>>>(p, k0, n, dst, cnt);
+        else if (out == OUT_BF16)
+            k_deq4_flat2<OUT_BF16><<<g, FLAT_THREADS, 0, st>>>(p, k0, n, dst, cnt);
+        else
+            k_deq4_flat2<OUT_F32><<<g, FLAT_THREADS, 0, st>>>(p, k0, n, dst, cnt);
+    } else if (fast) {
         const unsigned g = grid_for(n, FLAT_TILE);
         if (out == OUT_F16)
             k_deq4_flat<OUT_F16><<<g, FLAT_THREADS, 0, st>>>(p, k0, n, dst, cnt);
@@ -489,15 +777,24 @@ int launch_deq4_flat(const q4p &p, uint64_t k0, uint64_t n, int out, void *dst, 
     return 0;
 }
 
-int launch_deq4_fuse_t(const q4p &p, const fusep &f, int out, void *dst, kn_counters *cnt,
+int launch_deq4_fuse_t(const q4p &p, fusep f, int out, void *dst, kn_counters *cnt,
                        cudaStream_t st)
 {
-    const uint64_t gx = (f.C + FT_TC - 1) / FT_TC;
+    const int v2 = g_variant == 2;
+    const uint64_t tr = v2 ? FT2_TR : FT_TR, tc = v2 ? FT2_TC : FT_TC;
+    f.tiles_y = (f.r1 - f.rb + tr - 1) / tr;
+    const uint64_t gx = (f.C + tc - 1) / tc;
     const uint64_t gy = f.tiles_y < 65535 ? f.tiles_y : 65535;
     if (gx > 0x7fffffffu)
         return -EINVAL;
     const dim3 grid((unsigned)gx, (unsigned)gy);
-    if (out == OUT_F16)
+    if (v2 && out == OUT_F16)
+        k_deq4_fuse_t2<OUT_F16><<<grid, FT_THREADS, 0, st>>>(p, f, dst, cnt);
+    else if (v2 && out == OUT_BF16)
+        k_deq4_fuse_t2<OUT_BF16><<<grid, FT_THREADS, 0, st>>>(p, f, dst, cnt);
+    else if (v2)
+        k_deq4_fuse_t2<OUT_F32><<<grid, FT_THREADS, 0, st>>>(p, f, dst, cnt);
+    else if (out == OUT_F16)
         k_deq4_fuse_t<OUT_F16><<<grid, FT_THREADS, 0, st>>>(p, f, dst, cnt);
     else if (out == OUT_BF16)
         k_deq4_fuse_t<OUT_BF16><<<grid, FT_THREADS, 0, st>>>(p, f, dst, cnt);
@@ -512,7 +809,13 @@ void launch_convert_in(const void *src, uint64_t n, int out, void *dst, int vec,
                        cudaStream_t st)
 {
     const unsigned g = grid_for((n + CV_VEC - 1) / CV_VEC, CV_THREADS);
-    if (out == OUT_F16)
+    if (g_variant == 2 && out == OUT_F16)
+        k_convert2<IN, OUT_F16><<<g, CV_THREADS, 0, st>>>(src, n, dst, vec, cnt);
+    else if (g_variant == 2 && out == OUT_BF16)
+        k_convert2<IN, OUT_BF16><<<g, CV_THREADS, 0, st>>>(src, n, dst, vec, cnt);
+    else if (g_variant == 2)
+        k_convert2<IN, OUT_F32><<<g, CV_THREADS, 0, st>>>(src, n, dst, vec, cnt);
+    else if (out == OUT_F16)
         k_convert<IN, OUT_F16><<<g, CV_THREADS, 0, st>>>(src, n, dst, vec, cnt);
     else if (out == OUT_BF16)
         k_convert<IN, OUT_BF16><<<g, CV_THREADS, 0, st>>>(src, n, dst, vec, cnt);
@@ -591,6 +894,8 @@ extern "C" int kn_device_count(int *n, char *why, size_t whylen)
     return 0;
 }
 
+extern "C" void kn_set_variant(int v) { g_variant = v == 1 ? 1 : 2; }
+
 extern "C" int kn_counters_reset(kn_counters *c, kn_stream st)
 {
     if (!c)
@@ -643,7 +948,6 @@ extern "C" int kn_deq4_fuse_t(const kn_q4 *q, uint64_t C, uint64_t R, uint64_t r
     }
     fusep f;
     f.C = C, f.R = R, f.rb = rb, f.re = re, f.pitch = pitch, f.r0 = r0, f.r1 = r1;
-    f.tiles_y = (r1 - rb + FT_TR - 1) / FT_TR;
     f.fast = R % 32 == 0 && rb % 32 == 0 && pitch % 16 == 0 && aligned16(q->codes);
     const uint64_t vec = out == DQ_F32 ? 4 : 8;
     f.vstore = aligned16(dst) && C % vec == 0;

@@ -39,6 +39,20 @@ def read_file(path, chunk=(1 << 20) + 4096):
     return bytes(out)
 
 
+def identity_bytes(src, dtype):
+    """Bytes of plain source tensors already in the output dtype: copies,
+    which the CPU serves (nothing to compute, no reason to cross PCIe)."""
+    import bnbref
+    want = {"f16": "F16", "bf16": "BF16", "f32": "F32"}[dtype]
+    total = 0
+    for shard in sorted(src.glob("*.safetensors")):
+        hdr, _ = fh.read_header(shard)
+        for name, v in hdr.items():
+            if name != "__metadata__" and v["dtype"] == want and not bnbref.is_companion(name):
+                total += v["data_offsets"][1] - v["data_offsets"][0]
+    return total
+
+
 def ndevices():
     r = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True)
     return sum(1 for ln in r.stdout.splitlines() if ln.startswith("GPU "))
@@ -81,10 +95,12 @@ def test_every_virtual_file_is_the_same_with_gpu_auto_and_off(gpu, tiny, bin_pat
         assert "gpu" in st["engines"]
         assert "computing slices on" in m.log(), m.log()
     comp = st["bytes_computed"]
-    # the GPU computed (nearly) everything; CPU threads only help when the
-    # queue is deep, which a sequential read of the tiny fixture never makes
+    # the GPU computed (nearly) everything but plain copies; CPU threads only
+    # help when the queue is deep, which a sequential read of the tiny
+    # fixture never makes
+    copies = identity_bytes(tiny / "src", dtype)
     assert comp["gpu"] > 0
-    assert comp["gpu"] >= 0.9 * (comp["gpu"] + comp["cpu"]), comp
+    assert comp["cpu"] <= copies + 0.1 * (comp["gpu"] + comp["cpu"]), (comp, copies)
     assert st["errors"]["eio"] == 0
 
 
