@@ -151,7 +151,7 @@ def main():
     # 1. device numbers (and kn_ctx over the checkpoint)
     cmd = [build / "kernels" / "bench_kn_dequant"]
     if src:
-        cmd += ["--ckpt", src, "--threads", a.readers]
+        cmd += ["--ckpt", src, "--threads", a.readers, "--lanes", 8]
     log("$ " + " ".join(str(c) for c in cmd))
     r = subprocess.run([str(c) for c in cmd], capture_output=True, text=True)
     out = r.stdout

@@ -25,14 +25,20 @@ nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,clocks.mem,po
 grep -E "warning:" "$OUT/build.log" | sort -u | head -5
 echo "build: $(el) s"
 
-timeout 300 build-gpu/kernels/test_kn_dequant > "$OUT/test_kn_dequant.log" 2>&1
-echo "test_kn_dequant rc=$? ($(el) s)"
-grep -E "^(ok|FAIL)|tests, |device:" "$OUT/test_kn_dequant.log" | head -30
+# both kernel generations (kn_internal.h: v1 stays until v2 is verified)
+for v in 2 1; do
+  BNBFS_KN_VARIANT=$v timeout 240 build-gpu/kernels/test_kn_dequant > "$OUT/test_kn_v$v.log" 2>&1
+  echo "test_kn_dequant kernels v$v rc=$? ($(el) s)"
+  grep -E "^(ok|FAIL)|tests, |device:" "$OUT/test_kn_v$v.log" | head -14
+  grep -E "^FAIL .*:" "$OUT/test_kn_v$v.log" | head -5
+done
 
+# the GPU mount suite and the whole fs suite with the default gpu=auto
 BNBFS_BUILD=$PWD/build-gpu timeout 300 python3 -m pytest -q -rs -p no:cacheprovider \
-  tests/test_gpu_dequant.py > "$OUT/pytest_gpu.log" 2>&1
-echo "pytest test_gpu_dequant rc=$? ($(el) s)"
-tail -8 "$OUT/pytest_gpu.log"
+  tests/test_gpu_dequant.py tests/test_fs_*.py > "$OUT/pytest_gpu.log" 2>&1
+echo "pytest test_gpu_dequant + test_fs_* rc=$? ($(el) s)"
+grep -E "^(FAILED|ERROR)" "$OUT/pytest_gpu.log" | head -10
+tail -3 "$OUT/pytest_gpu.log"
 
 args=(--build build-gpu --results "$OUT/RESULTS.md" --log "$OUT/bench.log")
 if [ -n "${FULL:-}" ] && [ "$(el)" -lt "${FULL_IF_BEFORE:-270}" ]; then
