@@ -202,12 +202,22 @@ static int reserve(struct fs_core *c, size_t cap, uint64_t limit, void **buf, bo
             *buf = b;
             return 0;
         }
-        /* Slices sequential readers are done with go first, even with room
-         * to spare: their buffers are faulted in and likely still cached,
-         * and a streaming read then needs only its read-ahead window. */
-        if (k->lru.head && k->lru.head->consumed) {
+        /* Past a quarter of the bound, slices that were read through go
+         * first even with room to spare, and idle buffers of other sizes
+         * are freed: recycled buffers are faulted in and likely still in
+         * the CPU caches, and a streaming read (its bytes now in the
+         * kernel's page cache) stops growing the cache. */
+        bool soft = k->reserved + k->pooled + cap > k->limit / 4;
+        if (soft && k->lru.head && k->lru.head->consumed) {
             entry_free(k, k->lru.head);
             atomic_fetch_add_explicit(&c->stats.evictions, 1, memory_order_relaxed);
+            continue;
+        }
+        if ((soft || k->reserved + k->pooled + cap > limit) && k->pool) {
+            struct fs_pool_buf *p = k->pool;
+            k->pool = p->next;
+            k->pooled -= p->cap;
+            free(p);
             continue;
         }
         if (k->reserved + k->pooled + cap <= limit) {
@@ -215,13 +225,6 @@ static int reserve(struct fs_core *c, size_t cap, uint64_t limit, void **buf, bo
             note_peak(k);
             *buf = NULL;
             return 0;
-        }
-        if (k->pool) {
-            struct fs_pool_buf *p = k->pool;
-            k->pool = p->next;
-            k->pooled -= p->cap;
-            free(p);
-            continue;
         }
         if (k->lru.head) {
             entry_free(k, k->lru.head);
