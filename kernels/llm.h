@@ -95,14 +95,14 @@ struct kn_expert_src {
  * experts: gate = gu[2i] clamped above at limit, up = gu[2i+1] clamped to
  * [-limit, limit], act = (up + 1) * gate * sigmoid(alpha * gate).
  * gate_up per expert [H, 2I] (x @ W), b [E, 2I]. act [topk, I] fp32.
- * partial: kn_llm_moe_partial_floats(); counters: [ceil(2I/64)]. */
+ * partial: kn_llm_moe_partial_floats(); counters: kn_llm_moe_counters(2I). */
 int kn_llm_moe_gate_up_decode(const float *hn, struct kn_expert_src W, const float *b,
                               const int *ids, int H, int I, int topk, int ksplit, float limit,
                               float alpha, float *partial, int *counters, float *act,
                               cudaStream_t s);
 
 /* x[H] += sum_j w[j] * (act[j] @ down[e_j] + b[e_j]), in expert order j.
- * down per expert [I, H], b [E, H]. counters: [ceil(H/64)]. */
+ * down per expert [I, H], b [E, H]. counters: kn_llm_moe_counters(H). */
 int kn_llm_moe_down_decode(const float *act, struct kn_expert_src W, const float *b,
                            const int *ids, const float *w, int I, int H, int topk, int ksplit,
                            float *partial, int *counters, float *x, cudaStream_t s);
@@ -111,6 +111,8 @@ int kn_llm_moe_down_decode(const float *act, struct kn_expert_src W, const float
  * partial-sum workspace it needs (floats) for an output width N. */
 int kn_llm_moe_ksplit(int K, int N, int topk, int nsm);
 size_t kn_llm_moe_partial_floats(int N, int topk, int ksplit);
+/* Counters (ints) the expert GEMVs need for an output width N. */
+int kn_llm_moe_counters(int N);
 
 /* ----------------------------------------------------------- prefill */
 
@@ -169,6 +171,12 @@ int kn_llm_moe_combine(const float *y, const float *b, const int *ids, const flo
                        const int *row_of, int n, int topk, int H, float *x, cudaStream_t s);
 
 /* ------------------------------------------------------------- misc */
+
+/* Decode launches use programmatic dependent launch (sm_90+) when on:
+ * each kernel streams its first weights while the previous one finishes.
+ * The engine turns it on for cards of compute capability 9.0 and up unless
+ * BNBFS_PDL=0 is in the environment. Not thread-safe: set before launching. */
+void kn_llm_set_pdl(int on);
 
 /* dst (fp16 or fp32) = src converted; src_dtype 0 F16, 1 BF16, 2 F32. */
 int kn_llm_convert(const void *src, int src_dtype, size_t n, int dst_f32, void *dst,

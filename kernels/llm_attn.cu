@@ -32,6 +32,8 @@ __global__ void attn_decode_kernel(const float *__restrict__ q, const __half *__
     const int kvh = blockIdx.x, sp = blockIdx.y;
     const int G = g.nheads / g.nkv, w = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int h = kvh * G + w, hd = g.head_dim;
+    pdl_wait();
+    pdl_launch_dependents();
     const int pos = step->pos;
     const int lo = g.window ? max(0, pos - g.window + 1) : 0;
     const int len = pos - lo + 1;
@@ -156,11 +158,10 @@ extern "C" int kn_llm_attn_decode(const float *q, const kn_half *kc, const kn_ha
     const int G = g->nheads / g->nkv;
     if (g->head_dim > 32 * DEC_MAX_DPL || G > 32)
         return -EINVAL;
-    dim3 grid(g->nkv, nsplit);
-    attn_decode_kernel<<<grid, 32 * G, 0, s>>>(q, reinterpret_cast<const __half *>(kc),
-                                               reinterpret_cast<const __half *>(vc), sinks, *g,
-                                               step, nsplit, partial, counters, out);
-    return KN_LAUNCHED("attn_decode");
+    return kn_launch_pdl("attn_decode", attn_decode_kernel, dim3(g->nkv, nsplit), dim3(32 * G), 0,
+                         s, q, reinterpret_cast<const __half *>(kc),
+                         reinterpret_cast<const __half *>(vc), sinks, *g, step, nsplit, partial,
+                         counters, out);
 }
 
 /* ------------------------------------------------------------ prefill */

@@ -38,6 +38,8 @@ __global__ void rmsnorm_kernel(const float *__restrict__ x, const float *__restr
                                float *__restrict__ out32)
 {
     __shared__ float red[32];
+    pdl_wait();
+    pdl_launch_dependents();
     const float *xr = x + (size_t)blockIdx.x * H;
     float ss = 0.f;
     for (int i = threadIdx.x; i < H; i += blockDim.x)
@@ -56,8 +58,8 @@ __global__ void rmsnorm_kernel(const float *__restrict__ x, const float *__restr
 extern "C" int kn_llm_rmsnorm(const float *x, const float *w, float eps, int n, int H,
                               kn_half *out16, float *out32, cudaStream_t s)
 {
-    rmsnorm_kernel<<<n, 256, 0, s>>>(x, w, eps, H, reinterpret_cast<__half *>(out16), out32);
-    return KN_LAUNCHED("rmsnorm");
+    return kn_launch_pdl("rmsnorm", rmsnorm_kernel, dim3(n), dim3(256), 0, s, x, w, eps, H,
+                         reinterpret_cast<__half *>(out16), out32);
 }
 
 /* ------------------------------------------- bias + RoPE + KV store */

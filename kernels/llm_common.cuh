@@ -104,4 +104,60 @@ __device__ __forceinline__ void axpy8(float acc[8], float x, uint4 w)
 
 static inline int kn_div_up(long a, long b) { return (int)((a + b - 1) / b); }
 
+/* ------------------------------------------ programmatic dependent launch
+ * Decode kernels are launched with PDL (sm_90+, when enabled): a kernel may
+ * start while the previous one still runs. Each decode kernel therefore
+ *   1. touches only immutable data first (weights: prefetched into L2), or
+ *      outputs of kernels two or more launches back (see 3);
+ *   2. pdl_wait(): waits until the previous kernel completed and its writes
+ *      are visible, before reading anything it produced or writing anything;
+ *   3. pdl_launch_dependents() right after the wait: the next kernel may
+ *      start its step 1, and since every kernel triggers only after its own
+ *      wait, whatever ran two launches back has completed by then.
+ * Without PDL (older cards, prefill launches) both calls are no-ops. */
+__device__ __forceinline__ void pdl_wait()
+{
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void pdl_launch_dependents()
+{
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void prefetch_l2(const void *p)
+{
+    asm volatile("prefetch.global.L2 [%0];" ::"l"(p));
+}
+
+/* Whether decode launches carry the PDL attribute (kn_llm_set_pdl). */
+extern int kn_llm_pdl_on;
+
+template <typename... KArgs, typename... Args>
+static int kn_launch_pdl(const char *name, void (*kern)(KArgs...), dim3 grid, dim3 block,
+                         size_t smem, cudaStream_t s, Args... args)
+{
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = grid;
+    cfg.blockDim = block;
+    cfg.dynamicSmemBytes = smem;
+    cfg.stream = s;
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr[0].val.programmaticStreamSerializationAllowed = 1;
+    cfg.attrs = attr;
+    cfg.numAttrs = kn_llm_pdl_on ? 1 : 0;
+    cudaError_t e = cudaLaunchKernelEx(&cfg, kern, static_cast<KArgs>(args)...);
+    if (e != cudaSuccess) {
+        cudaGetLastError();
+        dq_log(DQ_LOG_ERROR, "kernels", "%s: launch failed: %s", name, cudaGetErrorString(e));
+        return -EIO;
+    }
+    return kn_llm_launch_check(name, __FILE__, __LINE__);
+}
+
 #endif

@@ -10,12 +10,20 @@
  * split-K partials and over experts happen in a fixed order in the last
  * block to arrive, so results do not depend on block scheduling.
  */
+#include <stdlib.h>
+
 #include "llm_common.cuh"
 
+int kn_llm_pdl_on;
+
+extern "C" void kn_llm_set_pdl(int on) { kn_llm_pdl_on = on; }
+
 #define GEMV_THREADS 256
+/* Lines of 128 bytes of each row a GEMV block prefetches into L2 before
+ * waiting for the previous kernel (PDL): 2 KB a row keeps the first wave's
+ * prefetch well inside L2. */
+#define PF_LINES 16
 #define MOE_THREADS 256
-#define MOE_TILE 64             /* output columns per expert-GEMV block */
-#define MOE_ROWGROUPS (MOE_THREADS / (MOE_TILE / 8))
 
 /* ---------------------------------------------------- shared prologue */
 
@@ -80,9 +88,16 @@ gemv_kernel(const __half *__restrict__ W, const float *__restrict__ bias, int N,
 {
     extern __shared__ float4 xs4[];
     __shared__ float red[32];
-    load_vec_norm(xs4, in, norm_w, eps, K, red);
     const int warp = (blockIdx.x * blockDim.x + threadIdx.x) >> 5, lane = threadIdx.x & 31;
     const int row0 = warp * R;
+    if (row0 < N && lane < PF_LINES && lane * 128 < K * 2)
+#pragma unroll
+        for (int r = 0; r < R; r++)
+            prefetch_l2(reinterpret_cast<const char *>(W + (size_t)min(row0 + r, N - 1) * K) +
+                        lane * 128);
+    pdl_wait();
+    pdl_launch_dependents();
+    load_vec_norm(xs4, in, norm_w, eps, K, red);
     if (row0 >= N)
         return;
     const uint4 *w[R];
@@ -125,18 +140,20 @@ extern "C" int kn_llm_gemv(const kn_half *W, const float *bias, int N, int K, co
      * give small matrices enough blocks to keep every SM streaming. */
     if (N >= 32768) {
         int smem = vec_smem(K, (const void *)gemv_kernel<4>);
-        gemv_kernel<4><<<kn_div_up(N, 4 * wpb), GEMV_THREADS, smem, s>>>(Wh, bias, N, K, in,
-                                                                          norm_w, eps, mode, out);
+        return kn_launch_pdl("gemv", gemv_kernel<4>, dim3(kn_div_up(N, 4 * wpb)),
+                             dim3(GEMV_THREADS), smem, s, Wh, bias, N, K, in, norm_w, eps, mode,
+                             out);
     } else if (N >= 8192) {
         int smem = vec_smem(K, (const void *)gemv_kernel<2>);
-        gemv_kernel<2><<<kn_div_up(N, 2 * wpb), GEMV_THREADS, smem, s>>>(Wh, bias, N, K, in,
-                                                                          norm_w, eps, mode, out);
+        return kn_launch_pdl("gemv", gemv_kernel<2>, dim3(kn_div_up(N, 2 * wpb)),
+                             dim3(GEMV_THREADS), smem, s, Wh, bias, N, K, in, norm_w, eps, mode,
+                             out);
     } else {
         int smem = vec_smem(K, (const void *)gemv_kernel<1>);
-        gemv_kernel<1><<<kn_div_up(N, wpb), GEMV_THREADS, smem, s>>>(Wh, bias, N, K, in, norm_w,
-                                                                      eps, mode, out);
+        return kn_launch_pdl("gemv", gemv_kernel<1>, dim3(kn_div_up(N, wpb)),
+                             dim3(GEMV_THREADS), smem, s, Wh, bias, N, K, in, norm_w, eps, mode,
+                             out);
     }
-    return KN_LAUNCHED("gemv");
 }
 
 /* ------------------------------------------------- q/k/v + RoPE + KV */
@@ -152,14 +169,20 @@ qkv_decode_kernel(const float *__restrict__ x, const float *__restrict__ norm_w,
 {
     extern __shared__ float4 xs4[];
     __shared__ float red[32];
-    load_vec_norm(xs4, x, norm_w, eps, H, red);
     const int half_hd = g.head_dim >> 1;
     const int npairs = (g.nheads + 2 * g.nkv) * half_hd;
     const int p = (blockIdx.x * blockDim.x + threadIdx.x) >> 5, lane = threadIdx.x & 31;
-    if (p >= npairs)
-        return;
     const int hg = p / half_hd, i = p % half_hd;
     const int r0 = hg * g.head_dim + i, r1 = r0 + half_hd;
+    if (p < npairs && lane < PF_LINES && lane * 128 < H * 2) {
+        prefetch_l2(reinterpret_cast<const char *>(W + (size_t)r0 * H) + lane * 128);
+        prefetch_l2(reinterpret_cast<const char *>(W + (size_t)r1 * H) + lane * 128);
+    }
+    pdl_wait();
+    pdl_launch_dependents();
+    load_vec_norm(xs4, x, norm_w, eps, H, red);
+    if (p >= npairs)
+        return;
     const uint4 *w[2] = {reinterpret_cast<const uint4 *>(W + (size_t)r0 * H),
                          reinterpret_cast<const uint4 *>(W + (size_t)r1 * H)};
     float acc[2];
@@ -194,11 +217,11 @@ extern "C" int kn_llm_qkv_decode(const float *x, const float *norm_w, float eps,
 {
     const int npairs = (g->nheads + 2 * g->nkv) * (g->head_dim / 2);
     const int smem = vec_smem(H, (const void *)qkv_decode_kernel);
-    qkv_decode_kernel<<<kn_div_up(npairs, GEMV_THREADS / 32), GEMV_THREADS, smem, s>>>(
-        x, norm_w, eps, reinterpret_cast<const __half *>(W), bias, H, *g,
-        reinterpret_cast<const float2 *>(rope), step, q_out, reinterpret_cast<__half *>(kc),
-        reinterpret_cast<__half *>(vc));
-    return KN_LAUNCHED("qkv_decode");
+    return kn_launch_pdl("qkv_decode", qkv_decode_kernel,
+                         dim3(kn_div_up(npairs, GEMV_THREADS / 32)), dim3(GEMV_THREADS), smem, s,
+                         x, norm_w, eps, reinterpret_cast<const __half *>(W), bias, H, *g,
+                         reinterpret_cast<const float2 *>(rope), step, q_out,
+                         reinterpret_cast<__half *>(kc), reinterpret_cast<__half *>(vc));
 }
 
 /* --------------------------------------------------------- embedding */
@@ -206,6 +229,8 @@ extern "C" int kn_llm_qkv_decode(const float *x, const float *norm_w, float eps,
 __global__ void embed_decode_kernel(const __half *__restrict__ E, int H,
                                     const kn_step *__restrict__ step, float *__restrict__ x)
 {
+    pdl_wait();
+    pdl_launch_dependents();
     const __half *row = E + (size_t)step->id * H;
     for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < H; i += gridDim.x * blockDim.x)
         x[i] = __half2float(row[i]);
@@ -214,9 +239,8 @@ __global__ void embed_decode_kernel(const __half *__restrict__ E, int H,
 extern "C" int kn_llm_embed_decode(const kn_half *embed, int H, const struct kn_step *step,
                                    float *x, cudaStream_t s)
 {
-    embed_decode_kernel<<<kn_div_up(H, 256), 256, 0, s>>>(
-        reinterpret_cast<const __half *>(embed), H, step, x);
-    return KN_LAUNCHED("embed_decode");
+    return kn_launch_pdl("embed_decode", embed_decode_kernel, dim3(kn_div_up(H, 256)), dim3(256),
+                         0, s, reinterpret_cast<const __half *>(embed), H, step, x);
 }
 
 /* ------------------------------------------------------------ router */
@@ -277,6 +301,10 @@ route_decode_kernel(const float *__restrict__ x, const float *__restrict__ norm_
     __shared__ float red[32];
     __shared__ float cval[MAX_TOPK];
     __shared__ int cidx[MAX_TOPK];
+    for (size_t off = (size_t)threadIdx.x * 128; off < (size_t)E * H * 2; off += blockDim.x * 128)
+        prefetch_l2(reinterpret_cast<const char *>(Wr) + off);
+    pdl_wait();
+    pdl_launch_dependents();
     load_vec_norm(xs4, x, norm_w, eps, H, red);
     float *logits = reinterpret_cast<float *>(xs4) + H;
     float4 *hn4 = reinterpret_cast<float4 *>(hn);
@@ -305,19 +333,19 @@ extern "C" int kn_llm_route_decode(const float *x, const float *norm_w, float ep
     if (smem > 48 * 1024)
         cudaFuncSetAttribute((const void *)route_decode_kernel,
                              cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-    route_decode_kernel<<<1, ROUTE_THREADS, smem, s>>>(
-        x, norm_w, eps, reinterpret_cast<const __half *>(Wr), br, H, E, topk, hn, ids, w);
-    return KN_LAUNCHED("route_decode");
+    return kn_launch_pdl("route_decode", route_decode_kernel, dim3(1), dim3(ROUTE_THREADS), smem,
+                         s, x, norm_w, eps, reinterpret_cast<const __half *>(Wr), br, H, E, topk,
+                         hn, ids, w);
 }
 
 /* ---------------------------------------------------- expert GEMVs */
 
-/* One block: 64 output columns of one chosen expert over one K-split.
- * Thread layout: 8 lanes x 8 columns cover the 64 columns of a row (one
- * 128-byte line); 32 row groups stride down the rows. The last block of a
+/* One block: TW output columns of one chosen expert over one K-split.
+ * Thread layout: TW/8 lanes x 8 columns cover the TW columns of a row
+ * (TW = 64: one 128-byte line); 256/(TW/8) row groups stride down the rows. The last block of a
  * column tile reduces every (expert, split) partial in order and runs the
  * epilogue: MODE 0 SwiGLU into act, MODE 1 weighted sum into x. */
-template <int MODE>
+template <int MODE, int TW>
 __global__ void __launch_bounds__(MOE_THREADS)
 moe_cols_kernel(const float *__restrict__ xin, const __half *base,
                 const __half *const *__restrict__ ptrs, const int *__restrict__ ids, int K,
@@ -331,18 +359,30 @@ moe_cols_kernel(const float *__restrict__ xin, const __half *base,
     __shared__ int last;
     const int tile = blockIdx.x, j = blockIdx.y / ksplit, ks = blockIdx.y % ksplit;
     const int tid = threadIdx.x;
-    const int eid = ids[j];
-    const __half *W = ptrs ? ptrs[j] : base + (size_t)eid * K * N;
     const int kc = (K + ksplit - 1) / ksplit;
     const int k0 = ks * kc, k1 = min(K, k0 + kc);
     const int kcp = (kc + 3) & ~3;
+    constexpr int LPR = TW / 8, MOE_ROWGROUPS = MOE_THREADS / LPR, MOE_TILE = TW;
+    const int rg = tid / LPR, cl = tid % LPR, col = tile * MOE_TILE + cl * 8;
+    if (MODE == 1) {
+        /* The routing was written two launches back (PDL rule 3): stream
+         * the first rows of this block's slab into L2 while the gate_up
+         * kernel still runs. */
+        const __half *Wp = ptrs ? ptrs[j] : base + (size_t)ids[j] * K * N;
+        if (cl == 0 && col < N)
+            for (int k = k0 + rg, n = 0; k < k1 && n < 8; k += MOE_ROWGROUPS, n++)
+                prefetch_l2(Wp + (size_t)k * N + tile * MOE_TILE);
+    }
+    pdl_wait();
+    pdl_launch_dependents();
+    const int eid = ids[j];
+    const __half *W = ptrs ? ptrs[j] : base + (size_t)eid * K * N;
     float *xs = sm, *red = sm + kcp;
     const float *x = MODE == 0 ? xin : xin + (size_t)j * K;
     for (int i = tid; i < k1 - k0; i += MOE_THREADS)
         xs[i] = x[k0 + i];
     __syncthreads();
 
-    const int rg = tid >> 3, cl = tid & 7, col = tile * MOE_TILE + cl * 8;
     float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
     if (col < N) {
         const size_t rstride = (size_t)(N >> 3);  /* uint4 per row */
@@ -424,9 +464,23 @@ moe_cols_kernel(const float *__restrict__ xin, const __half *base,
     }
 }
 
+/* Output columns per expert-GEMV block: 64 (one 128-byte line per row and
+ * block); BNBFS_MOE_TILE=128|256 selects wider tiles (tuning experiments). */
+static int moe_tile(void)
+{
+    static int tw;
+    if (!tw) {
+        const char *v = getenv("BNBFS_MOE_TILE");
+        tw = v && (atoi(v) == 128 || atoi(v) == 256) ? atoi(v) : 64;
+    }
+    return tw;
+}
+
+extern "C" int kn_llm_moe_counters(int N) { return kn_div_up(N, 64); }
+
 extern "C" int kn_llm_moe_ksplit(int K, int N, int topk, int nsm)
 {
-    const int tiles = kn_div_up(N, MOE_TILE);
+    const int tiles = kn_div_up(N, moe_tile());
     int ks = kn_div_up(4L * nsm, (long)tiles * topk);
     const int maxks = K / 64 > 1 ? K / 64 : 1;   /* at least 64 rows per split */
     if (ks > maxks)
@@ -441,22 +495,40 @@ extern "C" size_t kn_llm_moe_partial_floats(int N, int topk, int ksplit)
     return (size_t)N * topk * ksplit;
 }
 
+template <int MODE, int TW>
+static int moe_launch_tw(const float *xin, struct kn_expert_src W, const int *ids, int K, int N,
+                      int topk, int ksplit, float *partial, int *counters, const float *b,
+                      const float *wts, float limit, float alpha, float *out, cudaStream_t s)
+{
+    const int kc = kn_div_up(K, ksplit);
+    const int smem = (((kc + 3) & ~3) + MOE_THREADS * 8) * (int)sizeof(float);
+    if (smem > 48 * 1024)
+        cudaFuncSetAttribute((const void *)moe_cols_kernel<MODE, TW>,
+                             cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+    dim3 grid(kn_div_up(N, TW), topk * ksplit);
+    return kn_launch_pdl(MODE == 0 ? "moe_gate_up_decode" : "moe_down_decode",
+                         moe_cols_kernel<MODE, TW>, grid, dim3(MOE_THREADS), smem, s, xin,
+                         reinterpret_cast<const __half *>(W.base),
+                         reinterpret_cast<const __half *const *>(W.ptrs), ids, K, N, topk, ksplit,
+                         partial, counters, b, wts, limit, alpha, out);
+}
+
 template <int MODE>
 static int moe_launch(const float *xin, struct kn_expert_src W, const int *ids, int K, int N,
                       int topk, int ksplit, float *partial, int *counters, const float *b,
                       const float *wts, float limit, float alpha, float *out, cudaStream_t s)
 {
-    const int kc = kn_div_up(K, ksplit);
-    const int smem = (((kc + 3) & ~3) + MOE_ROWGROUPS * MOE_TILE) * (int)sizeof(float);
-    if (smem > 48 * 1024)
-        cudaFuncSetAttribute((const void *)moe_cols_kernel<MODE>,
-                             cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-    dim3 grid(kn_div_up(N, MOE_TILE), topk * ksplit);
-    moe_cols_kernel<MODE><<<grid, MOE_THREADS, smem, s>>>(
-        xin, reinterpret_cast<const __half *>(W.base),
-        reinterpret_cast<const __half *const *>(W.ptrs), ids, K, N, topk, ksplit, partial,
-        counters, b, wts, limit, alpha, out);
-    return KN_LAUNCHED(MODE == 0 ? "moe_gate_up_decode" : "moe_down_decode");
+    switch (moe_tile()) {
+    case 128:
+        return moe_launch_tw<MODE, 128>(xin, W, ids, K, N, topk, ksplit, partial, counters, b,
+                                        wts, limit, alpha, out, s);
+    case 256:
+        return moe_launch_tw<MODE, 256>(xin, W, ids, K, N, topk, ksplit, partial, counters, b,
+                                        wts, limit, alpha, out, s);
+    default:
+        return moe_launch_tw<MODE, 64>(xin, W, ids, K, N, topk, ksplit, partial, counters, b,
+                                       wts, limit, alpha, out, s);
+    }
 }
 
 extern "C" int kn_llm_moe_gate_up_decode(const float *hn, struct kn_expert_src W,

@@ -368,6 +368,10 @@ static int engine_init(struct rn_engine *e)
     CU(cudaGetDeviceProperties(&prop, e->dev));
     snprintf(e->dev_name, sizeof e->dev_name, "%s", prop.name);
     e->nsm = prop.multiProcessorCount;
+    /* Programmatic dependent launch for the decode kernels on sm_90+
+     * (BNBFS_PDL=0 turns it off, to compare). */
+    const char *pdl = getenv("BNBFS_PDL");
+    kn_llm_set_pdl(prop.major >= 9 && !(pdl && strcmp(pdl, "0") == 0));
 
     int ctx = e->opts.max_context > 0 ? e->opts.max_context : 8192;
     if (ctx > c->max_position) {

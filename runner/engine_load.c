@@ -111,8 +111,8 @@ static void layout(struct rn_engine *e, bool with_experts, bool embed_on_gpu, in
     size_t pd = kn_llm_moe_partial_floats(c->hidden, c->topk, e->ks_dn);
     ALLOC(e->moe_partial, pf > pd ? pf : pd);
     ALLOC(e->attn_counters, (size_t)c->nkv);
-    ALLOC(e->gu_counters, (2 * I + 63) / 64);
-    ALLOC(e->dn_counters, (H + 63) / 64);
+    ALLOC(e->gu_counters, kn_llm_moe_counters(2 * c->intermediate));
+    ALLOC(e->dn_counters, kn_llm_moe_counters(c->hidden));
     ALLOC(e->d_wptr, (size_t)c->nlayers * 2 * K);
     /* prefill */
     ALLOC(e->d_tok, C);

@@ -110,9 +110,17 @@ def stage_cold(a, res):
     res["cold"] = out
 
 
-def driver_bench(a, *extra):
-    r = run([a.build / "runner" / "llm-driver", a.mnt, "--bench-prefill", 2048, "--bench-decode",
-             "128:256", "--progress", *extra], timeout=900)
+def driver_bench(a, *extra, env=None, prefill=True):
+    cmd = [a.build / "runner" / "llm-driver", a.mnt, "--bench-decode", "128:256", "--progress"]
+    if prefill:
+        cmd += ["--bench-prefill", 2048]
+    log("$ " + " ".join(str(c) for c in cmd + list(extra)) + (f"  (env {env})" if env else ""))
+    r = subprocess.run([str(c) for c in cmd + list(extra)], capture_output=True, text=True,
+                       timeout=900, env=dict(os.environ, **(env or {})))
+    if r.stderr.strip():
+        log(r.stderr.strip()[-3000:])
+    if r.returncode != 0:
+        raise RuntimeError(f"llm-driver exited with {r.returncode}")
     return json.loads(r.stdout)
 
 
@@ -122,6 +130,17 @@ def stage_resident(a, res):
 
 def stage_budget(a, res):
     res["budget"] = driver_bench(a, "--repeat", 1, "--vram-budget", "24G")
+
+
+def stage_nopdl(a, res):
+    """Resident decode without programmatic dependent launch (comparison)."""
+    res["nopdl"] = driver_bench(a, "--repeat", 3, env={"BNBFS_PDL": "0"}, prefill=False)
+
+
+def stage_stream(a, res):
+    """The expert cache at its smallest per-layer share (topk slots a layer):
+    the miss path's throughput, whatever the routing's locality."""
+    res["stream"] = driver_bench(a, "--repeat", 1, "--expert-slots", 96)
 
 
 TRANSFORMERS = r'''
@@ -205,6 +224,32 @@ def table(res, card):
             mpt = B["decode_moved_per_token"]
             add("--vram-budget 24G bytes moved per decode token", f"{mpt / 1e9:.2f} GB")
             add("PCIe 4 x16 (25 GB/s) bound for that traffic", f"{PCIE4 / mpt:.1f} tok/s")
+    N = res.get("nopdl") or {}
+    if N:
+        add("decode, resident, without programmatic dependent launch (BNBFS_PDL=0)",
+            f"{N['decode_tok_s']:.1f} tok/s")
+    S = res.get("stream") or {}
+    if S:
+        s = S["stats"]
+        dh, dm = S.get("decode_hits", 0), S.get("decode_misses", 0)
+        mpt = S.get("decode_moved_per_token", 0)
+        add("--expert-slots 96 (4 a layer) decode",
+            f"{S['decode_tok_s']:.1f} tok/s, hit rate {dh / max(dh + dm, 1):.1%}, "
+            f"{mpt / 1e9:.2f} GB moved per token"
+            + (f" = {mpt * S['decode_tok_s'] / 1e9:.1f} GB/s of copies" if mpt else ""))
+        add("--expert-slots 96 prefill (2048 tokens)", f"{S['prefill_tok_s']:.0f} tok/s")
+    if B or S:
+        # Uniform routing (no locality): a layer with q cached experts of E
+        # misses topk * (1 - q/E) a token.
+        base = B or S
+        slots = (base["stats"]["expert_slots"])
+        q = slots / 24
+        miss = 96 * (1 - q / 32)
+        mb = miss * 49766400
+        h2d = (res.get("resident") or {}).get("h2d_pinned_Bps", 0)
+        add(f"uniform-routing projection with {slots} slots",
+            f"{miss:.0f} misses = {mb / 1e9:.2f} GB a token: {PCIE4 / mb:.1f} tok/s at 25 GB/s"
+            + (f", {h2d / mb:.1f} tok/s at this machine's {h2d / 1e9:.0f} GB/s" if h2d else ""))
     if C:
         for tool in ("llm-driver", "bnbfs-run"):
             if f"{tool}_first_token_s" in C:
@@ -240,7 +285,7 @@ def main():
     res = {"card": card, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
            "failed": {}}
     stages = {"cold": stage_cold, "resident": stage_resident, "budget": stage_budget,
-              "transformers": stage_transformers}
+              "transformers": stage_transformers, "nopdl": stage_nopdl, "stream": stage_stream}
     p = None
     for st in a.stages.split(","):
         try:

@@ -7,7 +7,8 @@
 # a summary to stdout.
 #   sh .device/prep.sh && OUT=$OUT FULL=/tmp/full STAGES=resident,budget \
 #       bash tests/gpu/llm_run_gpu.sh
-# TESTS=0 skips the test suite; STAGES= (empty) skips the benchmark.
+# TESTS=0 skips the test suite; STAGES= (empty) skips the benchmark; KBENCH=1
+# times each decode kernel alone (llm-bench-kernels) for three expert tiles.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-/tmp/bnbfs-engine-out}
@@ -25,6 +26,7 @@ b=build-gpu-engine
 # -Dwerror=false: that machine's gcc may warn where CI's does not.
 { [ -f $b/build.ninja ] || meson setup $b -Dcuda_archs=90 -Dwerror=false; } > "$OUT/build.log" 2>&1 \
   && ninja -C $b runner/llm-driver runner/bnbfs-run runner/llm-model-check fs/bnbfs \
+     runner/llm-bench-kernels \
      >> "$OUT/build.log" 2>&1 \
   || { echo "BUILD FAILED"; tail -40 "$OUT/build.log"; exit 1; }
 grep -E "warning:" "$OUT/build.log" | sort -u | head -5
@@ -35,6 +37,15 @@ if [ "${TESTS:-1}" = 1 ]; then
     -p no:cacheprovider tests/test_runner_gpu.py > "$OUT/pytest_runner_gpu.log" 2>&1
   echo "pytest test_runner_gpu rc=$? ($(el) s)"
   grep -E "^(FAILED|ERROR|SKIPPED)|passed|failed|^E  " "$OUT/pytest_runner_gpu.log" | cut -c1-300 | tail -40
+fi
+
+if [ "${KBENCH:-0}" = 1 ]; then
+  for tw in 64 128 256; do
+    BNBFS_MOE_TILE=$tw timeout 120 $b/runner/llm-bench-kernels --pin-gib ${PIN_GIB:-8} \
+      > "$OUT/kbench_$tw.json" 2>&1
+    echo "kernels (moe tile $tw): $(cat "$OUT/kbench_$tw.json")" | cut -c1-1500
+  done
+  echo "kbench: $(el) s"
 fi
 
 if [ -n "$STAGES" ]; then
