@@ -221,9 +221,6 @@ int fs_core_start(struct fs_core *c)
         c->backend_started[i] = true;
     }
     fs_watch_start(c);      /* without it, the identity checks still catch changes */
-    if (c->opts.gpu == FS_GPU_AUTO && c->nbackend == 1)
-        dq_log(DQ_LOG_INFO, FS_TAG, "gpu=auto: no GPU engine in this build; computing on %u CPU "
-               "threads", c->nthreads);
     return 0;
 }
 

@@ -279,9 +279,12 @@ static int run_mount(struct cli *cli, struct fuse_args *args)
     {
         const struct dq_plan *p = fs_core_plan(core);
         char sz[64];
-        dq_log(DQ_LOG_INFO, "main", "mounted %s at %s: %zu tensors, %s of %s, ready in %.0f ms",
-               fs_core_src(core), co.mountpoint, p->nout, dq_fmt_size(p->total_bytes, sz, sizeof sz),
-               dq_dtype_name(p->out_dtype), mount_ms);
+        const struct fs_opts *o = fs_core_opts(core);
+        dq_log(DQ_LOG_INFO, "main", "mounted %s at %s: %zu tensors, %s of %s, computed on %u CPU "
+               "threads%s; ready in %.0f ms", fs_core_src(core), co.mountpoint, p->nout,
+               dq_fmt_size(p->total_bytes, sz, sizeof sz), dq_dtype_name(p->out_dtype),
+               o->threads ? o->threads : dq_ncpus(),
+               o->gpu == FS_GPU_AUTO ? " (gpu=auto: this build has no GPU engine)" : "", mount_ms);
     }
 
     int lr;
