@@ -254,7 +254,9 @@ static int run_mount(struct cli *cli, struct fuse_args *args)
         free(v);
         if (e || asprintf(&fsname, "-o%s", o) < 0) { free(o); fsname = NULL; goto out; }
         free(o);
-        if (fuse_opt_insert_arg(args, 1, "-oro") || fuse_opt_insert_arg(args, 1, fsname)) goto out;
+        if (fuse_opt_insert_arg(args, 1, "-oro") || fuse_opt_insert_arg(args, 1, "-osubtype=bnbfs") ||
+            fuse_opt_insert_arg(args, 1, fsname))
+            goto out;
     }
 
     se = fuse_session_new(args, fs_fuse_ops(), sizeof *fs_fuse_ops(), &fa);

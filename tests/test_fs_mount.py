@@ -358,3 +358,14 @@ def test_daemonizes_and_exits_0_after_fusermount(bin_path, tiny, tmp_path, exp):
     assert not os.path.ismount(mnt)
     assert not os.path.exists(f"/proc/{pids[0]}") or \
         open(f"/proc/{pids[0]}/stat").read().split(")")[-1].split()[0] == "Z"
+
+
+def test_standard_fuse_options_pass_through(bin_path, tiny, tmp_path):
+    with fh.mounted(bin_path("bnbfs"), tiny / "src", tmp_path / "mnt",
+                    opts=["allow_other", "default_permissions", "fsname=mymodel"]) as m:
+        line = next(ln for ln in open("/proc/self/mountinfo") if f" {m.mnt} " in ln)
+        assert "ro" in line.split()[5].split(",")                  # per-mount flags
+        fields = line.split(" - ")[1].split()
+        assert fields[0] == "fuse.bnbfs" and fields[1] == "mymodel"
+        assert {"allow_other", "default_permissions"} <= set(fields[2].split(","))
+        assert m.path("tensors", "model.norm.weight").read_bytes()
