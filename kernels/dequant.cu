@@ -191,85 +191,11 @@ __device__ __forceinline__ uint4 load16_guarded(const uint8_t *p, uint64_t off, 
     return make_uint4(w[0], w[1], w[2], w[3]);
 }
 
-/* Packs VEC rounded values into one 16-byte word. */
-template <int OUT, int VEC>
-__device__ __forceinline__ uint4 pack16(const typename out_t<OUT>::type (&o)[VEC])
-{
-    uint4 r;
-    if constexpr (OUT == OUT_F32) {
-        r.x = __float_as_uint(o[0]), r.y = __float_as_uint(o[1]);
-        r.z = __float_as_uint(o[2]), r.w = __float_as_uint(o[3]);
-    } else {
-        r.x = o[0] | ((uint32_t)o[1] << 16), r.y = o[2] | ((uint32_t)o[3] << 16);
-        r.z = o[4] | ((uint32_t)o[5] << 16), r.w = o[6] | ((uint32_t)o[7] << 16);
-    }
-    return r;
-}
-
 /* ------------------------------------------------------- flat: kernels */
 
 constexpr int FLAT_THREADS = 128;
 constexpr int FLAT_TILE = FLAT_THREADS * 32;          /* elements per tile (one 16 B load each) */
 constexpr int FLAT_MAXBLK = FLAT_TILE / 32 + 2;       /* blocks a tile can touch */
-
-/* Fast path: k0 even, codes of k0 and dst 16-byte aligned. One tile of 4096
- * elements per iteration: 16-byte coalesced loads of the codes into shared
- * memory, the tile's block scales computed once into shared memory, then
- * 16-byte coalesced stores of VEC outputs per thread and step. */
-template <int OUT>
-__global__ void __launch_bounds__(FLAT_THREADS)
-k_deq4_flat(q4p q, uint64_t k0, uint64_t n, void *dst, kn_counters *cnt)
-{
-    typedef typename out_t<OUT>::type T;
-    constexpr int VEC = 16 / sizeof(T);                      /* outputs per 16 B store */
-    constexpr int STEPS = FLAT_TILE / VEC / FLAT_THREADS;    /* stores per thread per tile */
-    __shared__ float tab[16];
-    __shared__ uint4 sc[FLAT_THREADS];
-    __shared__ float sa[FLAT_MAXBLK];
-    const int t = threadIdx.x;
-    if (t < 16)
-        tab[t] = q.table[t];
-    const uint8_t *codes = q.codes + ((k0 - q.code_base) >> 1);
-    const uint64_t nbytes = (n + 1) >> 1;
-    const uint64_t ntiles = (n + FLAT_TILE - 1) / FLAT_TILE;
-    unsigned sat = 0;
-    for (uint64_t tile = blockIdx.x; tile < ntiles; tile += gridDim.x) {
-        const uint64_t i0 = tile * FLAT_TILE;
-        const uint64_t iend = i0 + FLAT_TILE < n ? i0 + FLAT_TILE : n;
-        sc[t] = load16_guarded(codes, i0 / 2 + (uint64_t)t * 16, nbytes);
-        const uint64_t b0 = (k0 + i0) >> q.lbs, b1 = (k0 + iend - 1) >> q.lbs;
-        for (uint64_t b = b0 + t; b <= b1; b += FLAT_THREADS)
-            sa[b - b0] = scale_of(q, b, cnt);
-        __syncthreads();
-#pragma unroll
-        for (int j = 0; j < STEPS; j++) {
-            const int ch = j * FLAT_THREADS + t;             /* chunk of VEC elements in the tile */
-            const uint64_t i = i0 + (uint64_t)ch * VEC;
-            if (i >= iend)
-                break;
-            uint32_t w = VEC == 8 ? ((const uint32_t *)sc)[ch] : ((const uint16_t *)sc)[ch];
-            T o[VEC];
-#pragma unroll
-            for (int e = 0; e < VEC; e++) {
-                const int byte = e >> 1;
-                const unsigned nb = (w >> (8 * byte + ((e & 1) ? 0 : 4))) & 0xfu;
-                const float a = sa[((k0 + i + e) >> q.lbs) - b0];
-                unsigned s1 = 0;
-                o[e] = round_out<OUT>(__fmul_rn(tab[nb], a), s1);
-                sat += i + e < iend ? s1 : 0; /* only stored elements count */
-            }
-            T *d = (T *)dst + i;
-            if (i + VEC <= iend) {
-                *(uint4 *)d = pack16<OUT, VEC>(o);
-            } else {
-                for (int e = 0; e < VEC && i + e < iend; e++)
-                    d[e] = o[e];
-            }
-        }
-        __syncthreads();
-    }
-    flush_sat(cnt, sat);
-}
 
 /* Any alignment (k0 odd, unaligned pointers): one element per thread. */
 template <int OUT>
@@ -293,14 +219,19 @@ k_deq4_flat_any(q4p q, uint64_t k0, uint64_t n, void *dst, kn_counters *cnt)
     flush_sat(cnt, sat);
 }
 
-/* v2 of k_deq4_flat (same tiles, same preconditions): in-tile offsets in
- * 32 bits, one scale per chunk (a chunk of VEC elements lies in one block
- * whenever k0 % VEC == 0), and when that scale cannot saturate, products
- * rounded in pairs without per-value checks. Other chunks (a block edge, a
- * saturating scale, the tail) take the exact per-element path. */
+/* Fast path: k0 even, codes of k0 and dst 16-byte aligned. One tile of
+ * 4096 elements per iteration: 16-byte coalesced loads of the codes into
+ * shared memory and the tile's block scales computed once into shared
+ * memory; then per thread and step a chunk of VEC elements (one 16-byte
+ * coalesced store). A chunk lies in one block whenever k0 % VEC == 0; when
+ * its scale cannot saturate, its products are rounded in pairs without
+ * per-value checks. Other chunks (a block edge, a saturating scale, the
+ * tail) take the exact per-element path. In-tile offsets are 32-bit: the
+ * first version's 64-bit index arithmetic per element held it to ~53% of
+ * the copy bandwidth for F16 (tests/bench/NOTES-kernels.md). */
 template <int OUT>
 __global__ void __launch_bounds__(FLAT_THREADS)
-k_deq4_flat2(q4p q, uint64_t k0, uint64_t n, void *dst, kn_counters *cnt)
+k_deq4_flat(q4p q, uint64_t k0, uint64_t n, void *dst, kn_counters *cnt)
 {
     typedef typename out_t<OUT>::type T;
     constexpr int VEC = 16 / sizeof(T);
@@ -367,7 +298,7 @@ k_deq4_flat2(q4p q, uint64_t k0, uint64_t n, void *dst, kn_counters *cnt)
 /* ----------------------------------------------------- FUSE_T: kernel */
 
 constexpr int FT_THREADS = 128;
-constexpr int FT_TR = 64;   /* output rows r per tile (source columns) */
+constexpr int FT_TR = 128;  /* output rows r per tile (source columns) */
 constexpr int FT_TC = 64;   /* output columns c per tile (source rows) */
 
 struct fusep {
@@ -377,20 +308,22 @@ struct fusep {
     int vstore;             /* 16-byte stores (dst aligned, C % VEC == 0) */
 };
 
-/* One 64 (r) x 64 (c) output tile per iteration. Load phase: thread t takes
- * source row c = ct + t % 64 and the 32-element group h = t / 64 of the
- * tile's 64 source columns: one 16-byte load (the group is one block, as
- * blocks are >= 32 and groups 32-aligned), 32 values written transposed into
- * shared memory (a warp writes 32 consecutive c of one r: no bank
- * conflicts). Store phase: each warp writes 512 consecutive bytes of the
- * tile's output rows with 16-byte stores. */
+/* One 128 (r) x 64 (c) output tile per iteration. Load phase: thread t
+ * takes the two adjacent source rows c = ct + 2*(t % 32) + {0, 1} and the
+ * 32-column group t / 32 (one warp per group): two 16-byte loads in flight
+ * (a group is one block: blocks are >= 32 and groups 32-aligned), and for
+ * each r one 4-byte (F16/BF16 pair, rounded together) or 8-byte (F32 pair)
+ * shared-memory store; a warp writes consecutive words of one tile row, so
+ * no bank conflicts. Store phase: each warp writes 512 consecutive bytes of
+ * the tile's output rows with 16-byte stores. Unaligned shapes (odd R, a
+ * band not 32-aligned) load element by element. */
 template <int OUT>
 __global__ void __launch_bounds__(FT_THREADS)
 k_deq4_fuse_t(q4p q, fusep f, void *dst, kn_counters *cnt)
 {
     typedef typename out_t<OUT>::type T;
     constexpr int VEC = 16 / sizeof(T);
-    constexpr int CPR = FT_TC / VEC;                         /* 16-byte chunks per tile row */
+    constexpr int CPR = FT_TC / VEC;
     constexpr int STEPS = FT_TR * CPR / FT_THREADS;
     __shared__ float tab[16];
     __shared__ __align__(16) T tile[FT_TR][FT_TC];
@@ -399,95 +332,12 @@ k_deq4_fuse_t(q4p q, fusep f, void *dst, kn_counters *cnt)
         tab[t] = q.table[t];
     __syncthreads();
     unsigned sat = 0;
-    const int cl = t % FT_TC, h = t / FT_TC;
+    const int cp = t & 31, h = t >> 5;
     const uint64_t ct = (uint64_t)blockIdx.x * FT_TC;
-    const uint64_t c = ct + cl;
+    const uint64_t c0 = ct + 2 * cp, c1 = c0 + 1;
+    const bool has1 = c1 < f.C;
     for (uint64_t ty = blockIdx.y; ty < f.tiles_y; ty += gridDim.y) {
         const uint64_t rt = f.rb + ty * FT_TR;
-        /* ---- load: source row c, columns [g, g+32) -> tile[g - rt + i][cl] */
-        for (int hh = h; hh < FT_TR / 32; hh += FT_THREADS / FT_TC) {
-            const uint64_t g = rt + 32 * (uint64_t)hh;
-            if (c >= f.C || g >= f.r1 || g >= f.re || g + 32 <= f.r0)
-                continue;
-            const uint64_t kc = c * f.R;                      /* flat index of (c, 0) */
-            const uint64_t rowbyte = c * f.pitch - ((kc + f.rb) >> 1);
-            if (f.fast && g + 32 <= f.re) {
-                const uint4 v = __ldg((const uint4 *)(q.codes + c * f.pitch + ((g - f.rb) >> 1)));
-                const float a = scale_of(q, (kc + g) >> q.lbs, cnt);
-#pragma unroll
-                for (int i = 0; i < 32; i++) {
-                    unsigned s1 = 0;
-                    tile[32 * hh + i][cl] = round_out<OUT>(__fmul_rn(tab[nib32(v, i)], a), s1);
-                    sat += g + i >= f.r0 && g + i < f.r1 ? s1 : 0; /* stored rows only */
-                }
-            } else {
-                uint64_t lastb = ~0ull;
-                float a = 0.0f;
-                for (int i = 0; i < 32 && g + i < f.re; i++) {
-                    const uint64_t k = kc + g + i;
-                    const uint8_t byte = __ldg(q.codes + rowbyte + (k >> 1));
-                    const unsigned nb = (k & 1) ? (byte & 0xfu) : (byte >> 4);
-                    if ((k >> q.lbs) != lastb) {
-                        lastb = k >> q.lbs;
-                        a = scale_of(q, lastb, cnt);
-                    }
-                    unsigned s1 = 0;
-                    tile[32 * hh + i][cl] = round_out<OUT>(__fmul_rn(tab[nb], a), s1);
-                    sat += g + i >= f.r0 && g + i < f.r1 ? s1 : 0;
-                }
-            }
-        }
-        __syncthreads();
-        /* ---- store: tile rows r in [r0, r1), columns c < C */
-#pragma unroll 2
-        for (int j = 0; j < STEPS; j++) {
-            const int ch = j * FT_THREADS + t;
-            const int rl = ch / CPR, cc = (ch % CPR) * VEC;
-            const uint64_t r = rt + rl, c0 = ct + cc;
-            if (r < f.r0 || r >= f.r1 || c0 >= f.C)
-                continue;
-            T *d = (T *)dst + (r - f.r0) * f.C + c0;
-            if (f.vstore && c0 + VEC <= f.C) {
-                *(uint4 *)d = *(const uint4 *)&tile[rl][cc];
-            } else {
-                for (int e = 0; e < VEC && c0 + e < f.C; e++)
-                    d[e] = tile[rl][cc + e];
-            }
-        }
-        __syncthreads();
-    }
-    flush_sat(cnt, sat);
-}
-
-/* v2 of k_deq4_fuse_t: 128 (r) x 64 (c) tiles; thread t takes the two
- * adjacent source rows c = ct + 2*(t % 32) + {0, 1} and the 32-column group
- * t / 32 (one warp per group): two 16-byte loads in flight, and each r
- * gets one 4-byte (F16/BF16 pair, rounded together) or 8-byte (F32 pair)
- * shared-memory store instead of two. Same contract and paths as v1. */
-constexpr int FT2_TR = 128;
-constexpr int FT2_TC = 64;
-
-template <int OUT>
-__global__ void __launch_bounds__(FT_THREADS)
-k_deq4_fuse_t2(q4p q, fusep f, void *dst, kn_counters *cnt)
-{
-    typedef typename out_t<OUT>::type T;
-    constexpr int VEC = 16 / sizeof(T);
-    constexpr int CPR = FT2_TC / VEC;
-    constexpr int STEPS = FT2_TR * CPR / FT_THREADS;
-    __shared__ float tab[16];
-    __shared__ __align__(16) T tile[FT2_TR][FT2_TC];
-    const int t = threadIdx.x;
-    if (t < 16)
-        tab[t] = q.table[t];
-    __syncthreads();
-    unsigned sat = 0;
-    const int cp = t & 31, h = t >> 5;
-    const uint64_t ct = (uint64_t)blockIdx.x * FT2_TC;
-    const uint64_t c0 = ct + 2 * cp, c1 = c0 + 1;
-    const bool v1 = c1 < f.C;
-    for (uint64_t ty = blockIdx.y; ty < f.tiles_y; ty += gridDim.y) {
-        const uint64_t rt = f.rb + ty * FT2_TR;
         const uint64_t g = rt + 32 * (uint64_t)h;
         if (c0 < f.C && g < f.r1 && g < f.re && g + 32 > f.r0) {
             const int ilo = g >= f.r0 ? 0 : (int)(f.r0 - g);          /* stored rows [ilo, ihi) */
@@ -496,25 +346,25 @@ k_deq4_fuse_t2(q4p q, fusep f, void *dst, kn_counters *cnt)
             if (f.fast && g + 32 <= f.re) {
                 const uint8_t *p0 = q.codes + c0 * f.pitch + ((g - f.rb) >> 1);
                 const uint4 x0 = __ldg((const uint4 *)p0);
-                const uint4 x1 = v1 ? __ldg((const uint4 *)(p0 + f.pitch)) : make_uint4(0, 0, 0, 0);
+                const uint4 x1 = has1 ? __ldg((const uint4 *)(p0 + f.pitch)) : make_uint4(0, 0, 0, 0);
                 const float a0 = scale_of(q, (c0 * f.R + g) >> q.lbs, cnt);
-                const float a1 = v1 ? scale_of(q, (c1 * f.R + g) >> q.lbs, cnt) : 0.0f;
+                const float a1 = has1 ? scale_of(q, (c1 * f.R + g) >> q.lbs, cnt) : 0.0f;
                 if (no_sat<OUT>(a0) && no_sat<OUT>(a1)) {
 #pragma unroll
                     for (int i = 0; i < 32; i++) {
                         const float y0 = __fmul_rn(tab[nib32(x0, i)], a0);
                         const float y1 = __fmul_rn(tab[nib32(x1, i)], a1);
                         if constexpr (OUT == OUT_F32)
-                            *(float2 *)(row + i * FT2_TC) = make_float2(y0, y1);
+                            *(float2 *)(row + i * FT_TC) = make_float2(y0, y1);
                         else
-                            *(uint32_t *)(row + i * FT2_TC) = pack2<OUT>(y0, y1);
+                            *(uint32_t *)(row + i * FT_TC) = pack2<OUT>(y0, y1);
                     }
                 } else {
 #pragma unroll
                     for (int i = 0; i < 32; i++) {
                         unsigned s0 = 0, s1 = 0;
-                        row[i * FT2_TC] = round_out<OUT>(__fmul_rn(tab[nib32(x0, i)], a0), s0);
-                        row[i * FT2_TC + 1] = round_out<OUT>(__fmul_rn(tab[nib32(x1, i)], a1), s1);
+                        row[i * FT_TC] = round_out<OUT>(__fmul_rn(tab[nib32(x0, i)], a0), s0);
+                        row[i * FT_TC + 1] = round_out<OUT>(__fmul_rn(tab[nib32(x1, i)], a1), s1);
                         sat += i >= ilo && i < ihi ? s0 + s1 : 0;
                     }
                 }
@@ -536,7 +386,7 @@ k_deq4_fuse_t2(q4p q, fusep f, void *dst, kn_counters *cnt)
                             a = scale_of(q, lastb, cnt);
                         }
                         unsigned s1 = 0;
-                        row[i * FT2_TC + k] = round_out<OUT>(__fmul_rn(tab[nb], a), s1);
+                        row[i * FT_TC + k] = round_out<OUT>(__fmul_rn(tab[nb], a), s1);
                         sat += i >= ilo && i < ihi ? s1 : 0;
                     }
                 }
@@ -627,46 +477,12 @@ constexpr int CV_VEC = 8;   /* elements per thread and step */
 
 /* 8 elements per thread and step; 16-byte loads and stores when src and
  * dst are 16-byte aligned (vec), element by element otherwise and in the
- * tail. */
+ * tail. When all 8 values of a step are finite and cannot saturate, they
+ * are rounded in pairs without per-value checks; otherwise each goes
+ * through the exact path. */
 template <int IN, int OUT>
 __global__ void __launch_bounds__(CV_THREADS)
 k_convert(const void *src, uint64_t n, void *dst, int vec, kn_counters *cnt)
-{
-    typedef typename in_t<IN>::type I;
-    typedef typename out_t<OUT>::type T;
-    constexpr int OVEC = 16 / sizeof(T);
-    constexpr int IVEC = 16 / sizeof(I);
-    unsigned sat = 0;
-    const uint64_t nch = (n + CV_VEC - 1) / CV_VEC;
-    for (uint64_t ch = (uint64_t)blockIdx.x * CV_THREADS + threadIdx.x; ch < nch;
-         ch += (uint64_t)gridDim.x * CV_THREADS) {
-        const uint64_t i0 = ch * CV_VEC;
-        if (vec && i0 + CV_VEC <= n) {
-            union { uint4 v[CV_VEC / IVEC]; I e[CV_VEC]; } x;
-            union { uint4 v[CV_VEC / OVEC]; T e[CV_VEC]; } o;
-#pragma unroll
-            for (int k = 0; k < CV_VEC / IVEC; k++)
-                x.v[k] = __ldg((const uint4 *)((const I *)src + i0) + k);
-#pragma unroll
-            for (int k = 0; k < CV_VEC; k++)
-                o.e[k] = round_out<OUT>(load_in<IN, OUT>(x.e[k], sat), sat);
-#pragma unroll
-            for (int k = 0; k < CV_VEC / OVEC; k++)
-                ((uint4 *)((T *)dst + i0))[k] = o.v[k];
-        } else {
-            for (uint64_t i = i0; i < i0 + CV_VEC && i < n; i++)
-                ((T *)dst)[i] = round_out<OUT>(load_in<IN, OUT>(((const I *)src)[i], sat), sat);
-        }
-    }
-    flush_sat(cnt, sat);
-}
-
-/* v2 of k_convert: when all 8 values of a step are finite and cannot
- * saturate, they are rounded in pairs without per-value checks; otherwise
- * each goes through the exact path. */
-template <int IN, int OUT>
-__global__ void __launch_bounds__(CV_THREADS)
-k_convert2(const void *src, uint64_t n, void *dst, int vec, kn_counters *cnt)
 {
     typedef typename in_t<IN>::type I;
     typedef typename out_t<OUT>::type T;
@@ -719,10 +535,6 @@ k_convert2(const void *src, uint64_t n, void *dst, int vec, kn_counters *cnt)
 
 /* ---------------------------------------------------------- launchers */
 
-/* Kernel generation: 2 (default) or 1, the first version kept while v2 is
- * being verified on a GPU; set by tests and benchmarks (kn_internal.h). */
-int g_variant = 2;
-
 unsigned grid_for(uint64_t items, unsigned per_block)
 {
     uint64_t g = (items + per_block - 1) / per_block;
@@ -748,15 +560,7 @@ int launch_deq4_flat(const q4p &p, uint64_t k0, uint64_t n, int out, void *dst, 
 {
     const uint8_t *first = p.codes + ((k0 - p.code_base) >> 1);
     const bool fast = (k0 & 1) == 0 && aligned16(first) && aligned16(dst);
-    if (fast && g_variant == 2) {
-        const unsigned g = grid_for(n, FLAT_TILE);
-        if (out == OUT_F16)
-            k_deq4_flat2<OUT_F16><<<g, FLAT_THREADS, 0, st>>>(p, k0, n, dst, cnt);
-        else if (out == OUT_BF16)
-            k_deq4_flat2<OUT_BF16><<<g, FLAT_THREADS, 0, st>>>(p, k0, n, dst, cnt);
-        else
-            k_deq4_flat2<OUT_F32><<<g, FLAT_THREADS, 0, st>>>(p, k0, n, dst, cnt);
-    } else if (fast) {
+    if (fast) {
         const unsigned g = grid_for(n, FLAT_TILE);
         if (out == OUT_F16)
             k_deq4_flat<OUT_F16><<<g, FLAT_THREADS, 0, st>>>(p, k0, n, dst, cnt);
@@ -780,21 +584,13 @@ int launch_deq4_flat(const q4p &p, uint64_t k0, uint64_t n, int out, void *dst, 
 int launch_deq4_fuse_t(const q4p &p, fusep f, int out, void *dst, kn_counters *cnt,
                        cudaStream_t st)
 {
-    const int v2 = g_variant == 2;
-    const uint64_t tr = v2 ? FT2_TR : FT_TR, tc = v2 ? FT2_TC : FT_TC;
-    f.tiles_y = (f.r1 - f.rb + tr - 1) / tr;
-    const uint64_t gx = (f.C + tc - 1) / tc;
+    f.tiles_y = (f.r1 - f.rb + FT_TR - 1) / FT_TR;
+    const uint64_t gx = (f.C + FT_TC - 1) / FT_TC;
     const uint64_t gy = f.tiles_y < 65535 ? f.tiles_y : 65535;
     if (gx > 0x7fffffffu)
         return -EINVAL;
     const dim3 grid((unsigned)gx, (unsigned)gy);
-    if (v2 && out == OUT_F16)
-        k_deq4_fuse_t2<OUT_F16><<<grid, FT_THREADS, 0, st>>>(p, f, dst, cnt);
-    else if (v2 && out == OUT_BF16)
-        k_deq4_fuse_t2<OUT_BF16><<<grid, FT_THREADS, 0, st>>>(p, f, dst, cnt);
-    else if (v2)
-        k_deq4_fuse_t2<OUT_F32><<<grid, FT_THREADS, 0, st>>>(p, f, dst, cnt);
-    else if (out == OUT_F16)
+    if (out == OUT_F16)
         k_deq4_fuse_t<OUT_F16><<<grid, FT_THREADS, 0, st>>>(p, f, dst, cnt);
     else if (out == OUT_BF16)
         k_deq4_fuse_t<OUT_BF16><<<grid, FT_THREADS, 0, st>>>(p, f, dst, cnt);
@@ -809,13 +605,7 @@ void launch_convert_in(const void *src, uint64_t n, int out, void *dst, int vec,
                        cudaStream_t st)
 {
     const unsigned g = grid_for((n + CV_VEC - 1) / CV_VEC, CV_THREADS);
-    if (g_variant == 2 && out == OUT_F16)
-        k_convert2<IN, OUT_F16><<<g, CV_THREADS, 0, st>>>(src, n, dst, vec, cnt);
-    else if (g_variant == 2 && out == OUT_BF16)
-        k_convert2<IN, OUT_BF16><<<g, CV_THREADS, 0, st>>>(src, n, dst, vec, cnt);
-    else if (g_variant == 2)
-        k_convert2<IN, OUT_F32><<<g, CV_THREADS, 0, st>>>(src, n, dst, vec, cnt);
-    else if (out == OUT_F16)
+    if (out == OUT_F16)
         k_convert<IN, OUT_F16><<<g, CV_THREADS, 0, st>>>(src, n, dst, vec, cnt);
     else if (out == OUT_BF16)
         k_convert<IN, OUT_BF16><<<g, CV_THREADS, 0, st>>>(src, n, dst, vec, cnt);
@@ -893,8 +683,6 @@ extern "C" int kn_device_count(int *n, char *why, size_t whylen)
     *n = c;
     return 0;
 }
-
-extern "C" void kn_set_variant(int v) { g_variant = v == 1 ? 1 : 2; }
 
 extern "C" int kn_counters_reset(kn_counters *c, kn_stream st)
 {

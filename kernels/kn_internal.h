@@ -19,11 +19,6 @@ extern "C" {
 
 #define KN_TAG "gpu"
 
-/* Kernel generation for tests and benchmarks: 2 (default) or 1 (the first
- * version, kept until v2 is verified on a GPU). Not thread-safe; set it
- * before launching. */
-void kn_set_variant(int v);
-
 /* Logs "<call> failed: <cuda error> (<file>:<line>)" and returns -EIO. */
 int kn_cuda_fail(const char *call, cudaError_t err, const char *file, int line);
 

@@ -27,7 +27,6 @@
 
 #include "dequant.h"
 #include "kernels.h"
-#include "kn_internal.h"
 
 #define CK(call)                                                                              \
     do {                                                                                      \
@@ -416,37 +415,32 @@ int main(int argc, char **argv)
     static const char *const oname[3] = {"f16", "bf16", "f32"};
     static const uint64_t shapes[2][2] = {{5760, 2880}, {2880, 2880}};
     static const char *const sname[2] = {"gate_up", "down"};
-    double flat_gbs[2][3], fuse_gbs[2][2][3], conv[2];
+    double flat_gbs[3], fuse_gbs[2][3], conv;
     const double in_bytes = n / 2.0 + nb + nn * 4.0;
     void *bf = dev_bf16(big / 2);
-    for (int v = 0; v < 2; v++) { /* kernel generations 1 and 2 */
-        kn_set_variant(v + 1);
-        for (int o = 0; o < 3; o++) {
-            struct flat_arg fa = {q, n, outs[o], out, cnt};
-            double ms = time_ms(run_flat, &fa, reps);
-            flat_gbs[v][o] = (in_bytes + (double)n * dq_dtype_size(outs[o])) / (ms * 1e-3) / 1e9;
-            printf("RESULT v%d_flat_nf4_%s_gbs %.1f\n", v + 1, oname[o], flat_gbs[v][o]);
-        }
-        /* FUSE_T, gpt-oss-20b expert shapes, as many experts as fit in 2^29 */
-        for (int s = 0; s < 2; s++) {
-            uint64_t C = shapes[s][0], R = shapes[s][1], E = n / (C * R);
-            for (int o = 0; o < 3; o++) {
-                struct fuse_arg fa = {q, C, R, E, outs[o], out, cnt};
-                double ms = time_ms(run_fuse, &fa, reps);
-                uint64_t el = C * R, bl = el / 64; /* per expert */
-                double bytes = (double)E * (el / 2.0 + bl + ((bl + 255) / 256) * 4.0 +
-                                            (double)el * dq_dtype_size(outs[o]));
-                fuse_gbs[v][s][o] = bytes / (ms * 1e-3) / 1e9;
-                printf("RESULT v%d_fuse_%s_%s_gbs %.1f\n", v + 1, sname[s], oname[o],
-                       fuse_gbs[v][s][o]);
-            }
-        }
-        /* BF16 -> F16, weight-like values */
-        struct conv_arg ca = {bf, (uint64_t)big / 2, db, cnt};
-        conv[v] = 2.0 * big / (time_ms(run_conv, &ca, reps) * 1e-3) / 1e9;
-        printf("RESULT v%d_convert_bf16_f16_gbs %.1f\n", v + 1, conv[v]);
+    for (int o = 0; o < 3; o++) {
+        struct flat_arg fa = {q, n, outs[o], out, cnt};
+        double ms = time_ms(run_flat, &fa, reps);
+        flat_gbs[o] = (in_bytes + (double)n * dq_dtype_size(outs[o])) / (ms * 1e-3) / 1e9;
+        printf("RESULT flat_nf4_%s_gbs %.1f\n", oname[o], flat_gbs[o]);
     }
-    kn_set_variant(2);
+    /* FUSE_T, gpt-oss-20b expert shapes, as many experts as fit in 2^29 */
+    for (int s = 0; s < 2; s++) {
+        uint64_t C = shapes[s][0], R = shapes[s][1], E = n / (C * R);
+        for (int o = 0; o < 3; o++) {
+            struct fuse_arg fa = {q, C, R, E, outs[o], out, cnt};
+            double ms = time_ms(run_fuse, &fa, reps);
+            uint64_t el = C * R, bl = el / 64; /* per expert */
+            double bytes = (double)E * (el / 2.0 + bl + ((bl + 255) / 256) * 4.0 +
+                                        (double)el * dq_dtype_size(outs[o]));
+            fuse_gbs[s][o] = bytes / (ms * 1e-3) / 1e9;
+            printf("RESULT fuse_%s_%s_gbs %.1f\n", sname[s], oname[o], fuse_gbs[s][o]);
+        }
+    }
+    /* BF16 -> F16, weight-like values */
+    struct conv_arg ca = {bf, (uint64_t)big / 2, db, cnt};
+    conv = 2.0 * big / (time_ms(run_conv, &ca, reps) * 1e-3) / 1e9;
+    printf("RESULT convert_bf16_f16_gbs %.1f\n", conv);
     cudaFree(bf);
     struct kn_counters hc;
     CK(cudaMemcpy(&hc, cnt, sizeof hc, cudaMemcpyDeviceToHost));
@@ -455,23 +449,19 @@ int main(int argc, char **argv)
 
     printf("\n%s: device-to-device copy %.0f GB/s (read + written), pinned H2D %.1f GB/s, "
            "D2H %.1f GB/s\n", prop.name, d2d, up, down);
-    printf("%-34s %10s %8s %10s %8s\n", "kernel (bytes read + written)", "v1 GB/s", "of copy",
-           "v2 GB/s", "of copy");
+    printf("%-34s %10s %8s\n", "kernel (bytes read + written)", "GB/s", "of copy");
     for (int o = 0; o < 3; o++) {
         char lbl[64];
         snprintf(lbl, sizeof lbl, "flat nf4 bs64 nested -> %s", oname[o]);
-        printf("%-34s %10.0f %7.0f%% %10.0f %7.0f%%\n", lbl, flat_gbs[0][o],
-               100 * flat_gbs[0][o] / d2d, flat_gbs[1][o], 100 * flat_gbs[1][o] / d2d);
+        printf("%-34s %10.0f %7.0f%%\n", lbl, flat_gbs[o], 100 * flat_gbs[o] / d2d);
     }
     for (int s = 0; s < 2; s++)
         for (int o = 0; o < 3; o++) {
             char lbl[64];
             snprintf(lbl, sizeof lbl, "fuse_t %s -> %s", sname[s], oname[o]);
-            printf("%-34s %10.0f %7.0f%% %10.0f %7.0f%%\n", lbl, fuse_gbs[0][s][o],
-                   100 * fuse_gbs[0][s][o] / d2d, fuse_gbs[1][s][o], 100 * fuse_gbs[1][s][o] / d2d);
+            printf("%-34s %10.0f %7.0f%%\n", lbl, fuse_gbs[s][o], 100 * fuse_gbs[s][o] / d2d);
         }
-    printf("%-34s %10.0f %7.0f%% %10.0f %7.0f%%\n", "convert bf16 -> f16", conv[0],
-           100 * conv[0] / d2d, conv[1], 100 * conv[1] / d2d);
+    printf("%-34s %10.0f %7.0f%%\n", "convert bf16 -> f16", conv, 100 * conv / d2d);
     printf("(flat: one launch over 2^29 elements; fuse_t: one launch per expert, on 4 streams, "
            "all experts that fit in 2^29 elements; medians of %d)\n", reps);
     cudaFree(da), cudaFree(db), cudaFree(out), cudaFree(codes), cudaFree(am), cudaFree(nabs);

@@ -25,13 +25,10 @@ nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,clocks.mem,po
 grep -E "warning:" "$OUT/build.log" | sort -u | head -5
 echo "build: $(el) s"
 
-# both kernel generations (kn_internal.h: v1 stays until v2 is verified)
-for v in 2 1; do
-  BNBFS_KN_VARIANT=$v timeout 240 build-gpu/kernels/test_kn_dequant > "$OUT/test_kn_v$v.log" 2>&1
-  echo "test_kn_dequant kernels v$v rc=$? ($(el) s)"
-  grep -E "^(ok|FAIL)|tests, |device:" "$OUT/test_kn_v$v.log" | head -14
-  grep -E "^FAIL .*:" "$OUT/test_kn_v$v.log" | head -5
-done
+timeout 240 build-gpu/kernels/test_kn_dequant > "$OUT/test_kn_dequant.log" 2>&1
+echo "test_kn_dequant rc=$? ($(el) s)"
+grep -E "^(ok|FAIL)|tests, |device:" "$OUT/test_kn_dequant.log" | head -14
+grep -E "^FAIL .*:" "$OUT/test_kn_dequant.log" | head -5
 
 # the GPU mount suite and the whole fs suite with the default gpu=auto
 BNBFS_BUILD=$PWD/build-gpu timeout 300 python3 -m pytest -q -rs -p no:cacheprovider \

@@ -30,7 +30,6 @@
 
 #include "dequant.h"
 #include "kernels.h"
-#include "kn_internal.h"
 #include "stw.h"
 #include "tu.h"
 
@@ -865,12 +864,6 @@ int main(int argc, char **argv)
     if (n == 0) {
         printf("no GPU: %s\n", why);
         return 77;
-    }
-    /* BNBFS_KN_VARIANT=1 checks the first kernel generation (kn_internal.h) */
-    const char *var = getenv("BNBFS_KN_VARIANT");
-    if (var) {
-        kn_set_variant(atoi(var));
-        fprintf(stderr, "kernel variant %d\n", atoi(var));
     }
     struct kn_ctx_opts big = {.device = -1, .nlanes = 2};
     struct kn_ctx_opts small = {.device = -1, .nlanes = 2, .lane_out_bytes = SMALL_CAP,
