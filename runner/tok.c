@@ -13,31 +13,25 @@
  * open, so encoding hashes raw pre-token bytes directly and never builds the
  * byte-level string.
  *
- * Speed: pre-tokens found whole in the vocab (ignore_merges) cost one hash
- * lookup; others go through BPE (a rank array for short pre-tokens, a heap
- * with a linked list for long ones, so a megabyte of one pre-token is
- * O(n log n)) and their result is cached by pre-token bytes.
+ * This file: reading tokenizer.json into the tables of tok_int.h, the id
+ * and byte lookups, decoding, and the byte/id buffers. Encoding (UTF-8
+ * checks, pre-tokenization, BPE) is in tok_encode.c.
  */
-#define PCRE2_CODE_UNIT_WIDTH 8
-#define XXH_INLINE_ALL
-
-#include "tok.h"
-
 #include <cjson/cJSON.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <limits.h>
-#include <pcre2.h>
 #include <stdarg.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
-#include <xxhash.h>
 
 #include "dequant.h"
+#include "tok_int.h"
 
-#define TAG "tok"
+#define TAG TOK_TAG
 
 /* ------------------------------------------------------------ buffers */
 
@@ -104,271 +98,31 @@ void rn_buf_free(struct rn_buf *b)
     b->n = b->cap = 0;
 }
 
-/* -------------------------------------------------------------- UTF-8 */
+/* ------------------------------------------------------- big tables */
 
-/* One step of UTF-8 decoding at p[0..n), n >= 1. Returns 1 with *len the
- * length of a valid character; 0 when p is a valid but incomplete prefix of
- * a character (more bytes needed); -1 with *len the length of the maximal
- * ill-formed subpart (Unicode §3.9, what Rust's from_utf8_lossy replaces by
- * one U+FFFD). */
-static int utf8_step(const uint8_t *p, size_t n, size_t *len)
+/* The vocab and merge tables (8 and 16 MB for gpt-oss) are probed at random
+ * for every pre-token; on 4 KiB pages nearly every probe is also a TLB miss.
+ * They live in anonymous mappings the kernel may back with 2 MiB pages
+ * (MADV_HUGEPAGE; a hint, harmless where transparent huge pages are off). */
+#define BIG_ALIGN ((size_t)2 << 20)
+
+static void *big_alloc(size_t bytes)
 {
-    uint8_t b = p[0];
-    if (b < 0x80) {
-        *len = 1;
-        return 1;
-    }
-    size_t need;
-    uint8_t lo = 0x80, hi = 0xBF;   /* allowed range of the second byte */
-    if (b >= 0xC2 && b <= 0xDF) {
-        need = 2;
-    } else if (b >= 0xE0 && b <= 0xEF) {
-        need = 3;
-        if (b == 0xE0)
-            lo = 0xA0;              /* overlong */
-        else if (b == 0xED)
-            hi = 0x9F;              /* surrogates */
-    } else if (b >= 0xF0 && b <= 0xF4) {
-        need = 4;
-        if (b == 0xF0)
-            lo = 0x90;              /* overlong */
-        else if (b == 0xF4)
-            hi = 0x8F;              /* > U+10FFFF */
-    } else {
-        *len = 1;
-        return -1;
-    }
-    for (size_t k = 1; k < need; k++) {
-        if (k >= n)
-            return 0;
-        uint8_t c = p[k];
-        uint8_t l = k == 1 ? lo : 0x80, h = k == 1 ? hi : 0xBF;
-        if (c < l || c > h) {
-            *len = k;
-            return -1;
-        }
-    }
-    *len = need;
-    return 1;
+    size_t len = (bytes + BIG_ALIGN - 1) & ~(BIG_ALIGN - 1);
+    void *p = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (p == MAP_FAILED)
+        return NULL;
+    madvise(p, len, MADV_HUGEPAGE);
+    return p;
 }
 
-size_t rn_utf8_valid_prefix(const void *data, size_t n)
+static void big_free(void *p, size_t bytes)
 {
-    const uint8_t *p = data;
-    size_t i = 0;
-    while (i < n) {
-        /* ASCII fast path: 8 bytes at a time */
-        while (i + 8 <= n) {
-            uint64_t w;
-            memcpy(&w, p + i, 8);
-            if (w & 0x8080808080808080ull)
-                break;
-            i += 8;
-        }
-        if (i >= n)
-            break;
-        size_t len;
-        if (utf8_step(p + i, n - i, &len) != 1)
-            return i;
-        i += len;
-    }
-    return n;
-}
-
-static const char k_replacement[3] = {(char)0xEF, (char)0xBF, (char)0xBD};
-
-/* Appends the complete characters of p[0..n) to out, replacing ill-formed
- * subparts; returns in *rest the length of an incomplete tail (not
- * appended). */
-static int utf8_lossy(const uint8_t *p, size_t n, struct rn_buf *out, size_t *rest)
-{
-    size_t i = 0, run = 0;          /* run: start of the pending valid span */
-    while (i < n) {
-        size_t len;
-        int r = utf8_step(p + i, n - i, &len);
-        if (r == 1) {
-            i += len;
-            continue;
-        }
-        if (rn_buf_append(out, p + run, i - run))
-            return -ENOMEM;
-        if (r == 0) {
-            *rest = n - i;
-            return 0;
-        }
-        if (rn_buf_append(out, k_replacement, 3))
-            return -ENOMEM;
-        i += len;
-        run = i;
-    }
-    *rest = 0;
-    return rn_buf_append(out, p + run, n - run);
-}
-
-int rn_utf8_stream_feed(struct rn_utf8_stream *s, const void *in, size_t n, struct rn_buf *out)
-{
-    const uint8_t *p = in;
-    /* First complete (or reject) the held sequence, byte by byte. */
-    while (s->npend > 0 && n > 0) {
-        s->pend[s->npend++] = *p++;
-        n--;
-        size_t len;
-        int r = utf8_step(s->pend, (size_t)s->npend, &len);
-        if (r == 0)
-            continue;               /* still incomplete (npend <= 3 here) */
-        if (r == 1) {
-            if (rn_buf_append(out, s->pend, len))
-                return -ENOMEM;
-            s->npend = 0;
-        } else {
-            /* The ill-formed subpart is pend[0..len); the bytes after it are
-             * re-examined as the start of new input. */
-            if (rn_buf_append(out, k_replacement, 3))
-                return -ENOMEM;
-            uint8_t tmp[4];
-            int left = s->npend - (int)len;
-            memcpy(tmp, s->pend + len, (size_t)left);
-            s->npend = 0;
-            struct rn_utf8_stream sub = {{0}, 0};
-            if (left > 0 && rn_utf8_stream_feed(&sub, tmp, (size_t)left, out))
-                return -ENOMEM;
-            *s = sub;
-        }
-    }
-    if (n == 0)
-        return 0;
-    size_t rest;
-    if (utf8_lossy(p, n, out, &rest))
-        return -ENOMEM;
-    memcpy(s->pend, p + n - rest, rest);
-    s->npend = (int)rest;
-    return 0;
-}
-
-int rn_utf8_stream_flush(struct rn_utf8_stream *s, struct rn_buf *out)
-{
-    if (s->npend == 0)
-        return 0;
-    s->npend = 0;
-    return rn_buf_append(out, k_replacement, 3);
+    if (p)
+        munmap(p, (bytes + BIG_ALIGN - 1) & ~(BIG_ALIGN - 1));
 }
 
 /* --------------------------------------------------------- hash tables */
-
-static inline uint64_t hash_bytes(const void *p, size_t n) { return XXH3_64bits(p, n); }
-
-/* Integer mixer for the merge table's (left, right) keys (splitmix64's
- * finaliser: cheap and well distributed). */
-static inline uint64_t hash_u64(uint64_t x)
-{
-    x ^= x >> 30;
-    x *= 0xbf58476d1ce4e5b9ull;
-    x ^= x >> 27;
-    x *= 0x94d049bb133111ebull;
-    x ^= x >> 31;
-    return x;
-}
-
-/* Token bytes: tokb[id] = [off, off+len) of t->arena; len == UINT32_MAX
- * when id is not a token. */
-struct tokb {
-    uint32_t off, len;
-};
-
-/* Vocab: raw bytes -> id, open addressing. */
-struct vslot {
-    uint32_t tag;                   /* high 32 bits of the hash */
-    int32_t id;                     /* -1: empty */
-};
-
-struct mslot {
-    uint64_t key;                   /* left << 32 | right; UINT64_MAX: empty */
-    uint32_t rank;                  /* merge index in the file */
-    int32_t new_id;
-};
-
-/* Pre-token cache: bytes -> ids of BPE results. Cleared wholesale when
- * full; only pre-tokens of at most CACHE_MAX_KEY bytes are cached. */
-#define CACHE_BITS 16
-#define CACHE_MAX_FILL (1u << (CACHE_BITS - 1))
-#define CACHE_MAX_KEY 255
-struct cslot {
-    uint64_t hash;
-    uint32_t key_off;               /* in cache_keys */
-    uint32_t ids_off;               /* in cache_ids */
-    uint16_t key_len;               /* 0: empty (empty pre-tokens are never cached) */
-    uint16_t nids;
-};
-
-struct added {
-    char *content;                  /* owned */
-    size_t len;
-    int32_t id;
-    bool special;
-};
-
-struct rn_tok {
-    char *path;                     /* owned */
-    /* token bytes */
-    uint8_t *arena;                 /* owned; all token bytes */
-    size_t arena_n, arena_cap;
-    struct tokb *tokb;              /* owned; [n_ids] */
-    int32_t n_ids;
-    bool *special;                  /* owned; [n_ids] */
-    size_t vocab_n;
-    /* vocab hash */
-    struct vslot *vtab;             /* owned; [vmask + 1] */
-    uint64_t vmask;
-    /* merges hash */
-    struct mslot *mtab;             /* owned; [mmask + 1] */
-    uint64_t mmask;
-    size_t merges_n;
-    int32_t byte_id[256];           /* id of the single-byte token */
-    bool ignore_merges;
-    /* added tokens */
-    struct added *added;            /* owned; [n_added] */
-    size_t n_added;
-    /* regex */
-    pcre2_code *re;
-    pcre2_match_data *md;
-    pcre2_match_context *mctx;
-    pcre2_jit_stack *jstack;
-    bool jit;
-    /* pre-token cache (mutable: see tok.h on threads) */
-    struct cslot *cache;            /* owned; [1 << CACHE_BITS] */
-    uint32_t cache_fill;
-    struct rn_buf cache_keys;
-    struct rn_ids cache_ids;
-    /* BPE scratch (mutable) */
-    int32_t *s_id, *s_prev, *s_next;
-    uint32_t *s_rank;
-    int32_t *s_new;
-    size_t s_cap;
-    struct hent *heap;
-    size_t heap_cap;
-};
-
-static const uint8_t *tok_bytes(const struct rn_tok *t, int32_t id, size_t *len)
-{
-    const struct tokb *b = &t->tokb[id];
-    *len = b->len;
-    return t->arena + b->off;
-}
-
-static int32_t vocab_find(const struct rn_tok *t, const uint8_t *p, size_t n, uint64_t h)
-{
-    uint32_t tag = (uint32_t)(h >> 32);
-    for (uint64_t i = h & t->vmask;; i = (i + 1) & t->vmask) {
-        const struct vslot *s = &t->vtab[i];
-        if (s->id < 0)
-            return -1;
-        if (s->tag == tag) {
-            const struct tokb *b = &t->tokb[s->id];
-            if (b->len == n && memcmp(t->arena + b->off, p, n) == 0)
-                return s->id;
-        }
-    }
-}
 
 /* Inserts id (whose bytes are already in tokb); -EEXIST when the same
  * bytes are present. */
@@ -381,8 +135,7 @@ static int vocab_insert(struct rn_tok *t, int32_t id)
     for (uint64_t i = h & t->vmask;; i = (i + 1) & t->vmask) {
         struct vslot *s = &t->vtab[i];
         if (s->id < 0) {
-            s->id = id;
-            s->tag = tag;
+            *s = (struct vslot){tag, id, t->tokb[id].off, t->tokb[id].len};
             return 0;
         }
         if (s->tag == tag) {
@@ -394,29 +147,16 @@ static int vocab_insert(struct rn_tok *t, int32_t id)
     }
 }
 
-static inline const struct mslot *merge_find(const struct rn_tok *t, int32_t a, int32_t b)
-{
-    uint64_t key = (uint64_t)(uint32_t)a << 32 | (uint32_t)b;
-    for (uint64_t i = hash_u64(key) & t->mmask;; i = (i + 1) & t->mmask) {
-        const struct mslot *s = &t->mtab[i];
-        if (s->key == key)
-            return s;
-        if (s->key == UINT64_MAX)
-            return NULL;
-    }
-}
-
 /* A later duplicate of a pair replaces the earlier one, as tokenizers'
  * HashMap collect does. */
 static void merge_insert(struct rn_tok *t, int32_t a, int32_t b, uint32_t rank, int32_t new_id)
 {
-    uint64_t key = (uint64_t)(uint32_t)a << 32 | (uint32_t)b;
+    uint64_t key = (uint64_t)(uint32_t)a << t->cb | (uint32_t)b;
     for (uint64_t i = hash_u64(key) & t->mmask;; i = (i + 1) & t->mmask) {
-        struct mslot *s = &t->mtab[i];
-        if (s->key == UINT64_MAX || s->key == key) {
-            s->key = key;
-            s->rank = rank;
-            s->new_id = new_id;
+        uint64_t s = t->mtab[i];
+        if (s == UINT64_MAX || s >> t->cr == key) {
+            t->mtab[i] = key << t->cr | rank;
+            t->merge_new[rank] = new_id;
             return;
         }
     }
@@ -602,7 +342,7 @@ static int load_vocab(struct rn_tok *t, const cJSON *vocab, const int16_t *inv)
         return -ENOMEM;
     t->tokb[max_id].len = UINT32_MAX;
     t->vmask = pow2_at_least((uint64_t)n * 2) - 1;
-    t->vtab = malloc((t->vmask + 1) * sizeof *t->vtab);
+    t->vtab = big_alloc((t->vmask + 1) * sizeof *t->vtab);
     if (!t->vtab)
         return -ENOMEM;
     memset(t->vtab, 0xFF, (t->vmask + 1) * sizeof *t->vtab);
@@ -647,17 +387,30 @@ static int merge_side(struct rn_tok *t, const int16_t *inv, const char *s, int32
     return *id < 0 ? -ENOENT : 0;
 }
 
+static unsigned bits_for(uint64_t n)   /* bits to hold 0..n-1 */
+{
+    unsigned b = 1;
+    while (b < 64 && (UINT64_C(1) << b) < n)
+        b++;
+    return b;
+}
+
 static int load_merges(struct rn_tok *t, const cJSON *merges, const int16_t *inv)
 {
     if (!cJSON_IsArray(merges))
         return bad(t, "model.merges: expected an array");
     size_t n = (size_t)cJSON_GetArraySize(merges);
+    t->cb = bits_for((uint64_t)t->n_ids);
+    t->cr = bits_for((uint64_t)n + 1);
+    if (2 * t->cb + t->cr > 63)
+        return bad(t, "model: %d ids and %zu merges are more than this tokenizer supports",
+                   t->n_ids, n);
     t->mmask = pow2_at_least((uint64_t)n * 2 + 1) - 1;
-    t->mtab = malloc((t->mmask + 1) * sizeof *t->mtab);
-    if (!t->mtab)
+    t->mtab = big_alloc((t->mmask + 1) * sizeof *t->mtab);
+    t->merge_new = malloc((n ? n : 1) * sizeof *t->merge_new);
+    if (!t->mtab || !t->merge_new)
         return -ENOMEM;
-    for (uint64_t i = 0; i <= t->mmask; i++)
-        t->mtab[i].key = UINT64_MAX;
+    memset(t->mtab, 0xFF, (t->mmask + 1) * sizeof *t->mtab);
     uint8_t *cat = NULL;
     size_t cat_cap = 0;
     uint32_t rank = 0;
@@ -718,7 +471,17 @@ static int load_merges(struct rn_tok *t, const cJSON *merges, const int16_t *inv
     }
     free(cat);
     t->merges_n = rank;
-    return r;
+    if (r)
+        return r;
+    t->byte_pair = malloc(65536 * sizeof *t->byte_pair);
+    if (!t->byte_pair)
+        return -ENOMEM;
+    for (int a = 0; a < 256; a++)
+        for (int b = 0; b < 256; b++) {
+            struct merge m = merge_find(t, t->byte_id[a], t->byte_id[b]);
+            t->byte_pair[a << 8 | b] = (struct bpair){m.prio, m.new_id};
+        }
+    return 0;
 }
 
 static int load_added(struct rn_tok *t, const cJSON *added)
@@ -948,17 +711,13 @@ void rn_tok_free(struct rn_tok *t)
     pcre2_match_context_free(t->mctx);
     pcre2_jit_stack_free(t->jstack);
     pcre2_code_free(t->re);
-    free(t->cache);
-    rn_buf_free(&t->cache_keys);
-    rn_ids_free(&t->cache_ids);
-    free(t->s_id);
-    free(t->s_prev);
-    free(t->s_next);
-    free(t->s_rank);
-    free(t->s_new);
-    free(t->heap);
-    free(t->vtab);
-    free(t->mtab);
+    rn_tok_encode_free(t);
+    if (t->vtab)
+        big_free(t->vtab, (t->vmask + 1) * sizeof *t->vtab);
+    if (t->mtab)
+        big_free(t->mtab, (t->mmask + 1) * sizeof *t->mtab);
+    free(t->merge_new);
+    free(t->byte_pair);
     free(t->tokb);
     free(t->special);
     free(t->arena);
@@ -1006,278 +765,3 @@ int rn_tok_decode(const struct rn_tok *t, const int32_t *ids, size_t n, struct r
     return 0;
 }
 
-/* ---------------------------------------------------------------- BPE */
-
-/* Heap entry of the long-word BPE: a candidate merge of the symbol at pos
- * (left_id) with its right neighbour (right_id). Stale entries (either side
- * changed) are skipped when popped. */
-struct hent {
-    uint32_t rank;
-    int32_t pos, left_id, right_id, new_id;
-};
-
-static inline bool hent_less(const struct hent *a, const struct hent *b)
-{
-    return a->rank < b->rank || (a->rank == b->rank && a->pos < b->pos);
-}
-
-static void heap_push(struct hent *h, size_t *n, struct hent e)
-{
-    size_t i = (*n)++;
-    while (i > 0) {
-        size_t p = (i - 1) / 2;
-        if (!hent_less(&e, &h[p]))
-            break;
-        h[i] = h[p];
-        i = p;
-    }
-    h[i] = e;
-}
-
-static struct hent heap_pop(struct hent *h, size_t *n)
-{
-    struct hent top = h[0], last = h[--(*n)];
-    size_t i = 0;
-    for (;;) {
-        size_t c = 2 * i + 1;
-        if (c >= *n)
-            break;
-        if (c + 1 < *n && hent_less(&h[c + 1], &h[c]))
-            c++;
-        if (!hent_less(&h[c], &last))
-            break;
-        h[i] = h[c];
-        i = c;
-    }
-    if (*n)
-        h[i] = last;
-    return top;
-}
-
-static int scratch(struct rn_tok *t, size_t n)
-{
-    if (n <= t->s_cap)
-        return 0;
-    size_t cap = t->s_cap ? t->s_cap : 64;
-    while (cap < n)
-        cap *= 2;
-    int32_t *a = realloc(t->s_id, cap * sizeof *a);
-    if (a)
-        t->s_id = a;
-    int32_t *b = realloc(t->s_prev, cap * sizeof *b);
-    if (b)
-        t->s_prev = b;
-    int32_t *c = realloc(t->s_next, cap * sizeof *c);
-    if (c)
-        t->s_next = c;
-    uint32_t *d = realloc(t->s_rank, cap * sizeof *d);
-    if (d)
-        t->s_rank = d;
-    int32_t *e = realloc(t->s_new, cap * sizeof *e);
-    if (e)
-        t->s_new = e;
-    if (!a || !b || !c || !d || !e)
-        return -ENOMEM;
-    t->s_cap = cap;
-    return 0;
-}
-
-#define BPE_SHORT 64
-
-/* Short words: symbols in an array, the pair ranks beside them; each step
- * merges the lowest-ranked, leftmost pair. O(n^2) for n <= BPE_SHORT. */
-static size_t bpe_short(struct rn_tok *t, const uint8_t *p, size_t n)
-{
-    int32_t *id = t->s_id, *nw = t->s_new;
-    uint32_t *rk = t->s_rank;
-    for (size_t i = 0; i < n; i++)
-        id[i] = t->byte_id[p[i]];
-    for (size_t i = 0; i + 1 < n; i++) {
-        const struct mslot *m = merge_find(t, id[i], id[i + 1]);
-        rk[i] = m ? m->rank : UINT32_MAX;
-        nw[i] = m ? m->new_id : -1;
-    }
-    while (n > 1) {
-        size_t best = 0;
-        uint32_t br = UINT32_MAX;
-        for (size_t i = 0; i + 1 < n; i++)
-            if (rk[i] < br) {
-                br = rk[i];
-                best = i;
-            }
-        if (br == UINT32_MAX)
-            break;
-        id[best] = nw[best];
-        size_t tail = n - best - 2;     /* elements after best+1 */
-        memmove(id + best + 1, id + best + 2, tail * sizeof *id);
-        if (tail) {
-            memmove(rk + best + 1, rk + best + 2, (tail - 1) * sizeof *rk);
-            memmove(nw + best + 1, nw + best + 2, (tail - 1) * sizeof *nw);
-        }
-        n--;
-        for (size_t i = best ? best - 1 : 0; i <= best && i + 1 < n; i++) {
-            const struct mslot *m = merge_find(t, id[i], id[i + 1]);
-            rk[i] = m ? m->rank : UINT32_MAX;
-            nw[i] = m ? m->new_id : -1;
-        }
-    }
-    return n;                       /* result in t->s_id[0..n) */
-}
-
-/* Long words: a linked list of symbols and a heap of candidate merges,
- * O(n log n). Same order as bpe_short: lowest rank, then leftmost. */
-static int bpe_long(struct rn_tok *t, const uint8_t *p, size_t n, size_t *nout)
-{
-    if (n > INT32_MAX)
-        return -EFBIG;
-    if (t->heap_cap < 2 * n) {
-        struct hent *h = realloc(t->heap, 2 * n * sizeof *h);
-        if (!h)
-            return -ENOMEM;
-        t->heap = h;
-        t->heap_cap = 2 * n;
-    }
-    int32_t *id = t->s_id, *prev = t->s_prev, *next = t->s_next;
-    struct hent *h = t->heap;
-    size_t hn = 0;
-    for (size_t i = 0; i < n; i++) {
-        id[i] = t->byte_id[p[i]];
-        prev[i] = (int32_t)i - 1;
-        next[i] = i + 1 < n ? (int32_t)i + 1 : -1;
-    }
-    for (size_t i = 0; i + 1 < n; i++) {
-        const struct mslot *m = merge_find(t, id[i], id[i + 1]);
-        if (m)
-            heap_push(h, &hn, (struct hent){m->rank, (int32_t)i, id[i], id[i + 1], m->new_id});
-    }
-    /* A dead symbol is marked by id -1. Each merge kills one symbol and
-     * pushes at most two entries, so the heap never exceeds 2n. */
-    while (hn) {
-        struct hent e = heap_pop(h, &hn);
-        int32_t r = next[e.pos];
-        if (id[e.pos] != e.left_id || r < 0 || id[r] != e.right_id)
-            continue;
-        id[e.pos] = e.new_id;
-        id[r] = -1;
-        next[e.pos] = next[r];
-        if (next[r] >= 0)
-            prev[next[r]] = e.pos;
-        int32_t l = prev[e.pos], nx = next[e.pos];
-        const struct mslot *m;
-        if (l >= 0 && (m = merge_find(t, id[l], id[e.pos])))
-            heap_push(h, &hn, (struct hent){m->rank, l, id[l], id[e.pos], m->new_id});
-        if (nx >= 0 && (m = merge_find(t, id[e.pos], id[nx])))
-            heap_push(h, &hn, (struct hent){m->rank, e.pos, id[e.pos], id[nx], m->new_id});
-    }
-    size_t k = 0;
-    for (int32_t i = 0; i >= 0; i = next[i])
-        id[k++] = id[i];
-    *nout = k;
-    return 0;
-}
-
-static struct cslot *cache_slot(struct rn_tok *t, const uint8_t *p, size_t n, uint64_t h)
-{
-    const uint64_t mask = ((uint64_t)1 << CACHE_BITS) - 1;
-    for (uint64_t i = h & mask;; i = (i + 1) & mask) {
-        struct cslot *s = &t->cache[i];
-        if (s->key_len == 0)
-            return s;
-        if (s->hash == h && s->key_len == n &&
-            memcmp(t->cache_keys.p + s->key_off, p, n) == 0)
-            return s;
-    }
-}
-
-static void cache_clear(struct rn_tok *t)
-{
-    memset(t->cache, 0, ((size_t)1 << CACHE_BITS) * sizeof *t->cache);
-    t->cache_fill = 0;
-    t->cache_keys.n = 0;
-    t->cache_ids.n = 0;
-}
-
-/* Encodes one pre-token (n >= 1 bytes) and appends its ids. */
-static int encode_pretoken(struct rn_tok *t, const uint8_t *p, size_t n, struct rn_ids *out)
-{
-    uint64_t h = hash_bytes(p, n);
-    if (t->ignore_merges || n == 1) {
-        int32_t id = vocab_find(t, p, n, h);
-        if (id >= 0)
-            return rn_ids_push(out, id);
-    }
-    struct cslot *s = NULL;
-    if (n <= CACHE_MAX_KEY) {
-        s = cache_slot(t, p, n, h);
-        if (s->key_len)
-            return rn_ids_append(out, t->cache_ids.v + s->ids_off, s->nids);
-    }
-    int r = scratch(t, n);
-    if (r)
-        return r;
-    size_t k;
-    if (n <= BPE_SHORT)
-        k = bpe_short(t, p, n);
-    else if ((r = bpe_long(t, p, n, &k)))
-        return r;
-    if ((r = rn_ids_append(out, t->s_id, k)))
-        return r;
-    if (s) {
-        if (t->cache_fill >= CACHE_MAX_FILL || t->cache_keys.n + n > UINT32_MAX ||
-            t->cache_ids.n + k > UINT32_MAX) {
-            cache_clear(t);
-            s = cache_slot(t, p, n, h);
-        }
-        uint32_t koff = (uint32_t)t->cache_keys.n, ioff = (uint32_t)t->cache_ids.n;
-        if (rn_buf_append(&t->cache_keys, p, n) || rn_ids_append(&t->cache_ids, t->s_id, k))
-            return 0;               /* caching is optional; the ids are out already */
-        *s = (struct cslot){h, koff, ioff, (uint16_t)n, (uint16_t)k};
-        t->cache_fill++;
-    }
-    return 0;
-}
-
-int rn_tok_encode(struct rn_tok *t, const char *text, size_t len, const char *what,
-                  struct rn_ids *out)
-{
-    size_t valid = rn_utf8_valid_prefix(text, len);
-    if (valid != len) {
-        dq_log(DQ_LOG_ERROR, TAG, "%s: invalid UTF-8 at byte offset %zu (byte 0x%02x)",
-               what ? what : "text", valid, (unsigned)(uint8_t)text[valid]);
-        return -EILSEQ;
-    }
-    const uint8_t *p = (const uint8_t *)text;
-    size_t pos = 0;                 /* start of text not yet emitted */
-    size_t search = 0;              /* where the next match may start */
-    PCRE2_SIZE *ov = pcre2_get_ovector_pointer(t->md);
-    while (search < len) {
-        int rc = t->jit ? pcre2_jit_match(t->re, p, len, search, 0, t->md, t->mctx)
-                        : pcre2_match(t->re, p, len, search, PCRE2_NO_UTF_CHECK, t->md, t->mctx);
-        if (rc == PCRE2_ERROR_NOMATCH)
-            break;
-        if (rc < 0) {
-            PCRE2_UCHAR msg[256];
-            pcre2_get_error_message(rc, msg, sizeof msg);
-            dq_log(DQ_LOG_ERROR, TAG, "%s: pre-tokenizer regex failed at byte offset %zu: %s",
-                   what ? what : "text", search, (const char *)msg);
-            return -EIO;
-        }
-        size_t s = ov[0], e = ov[1];
-        if (e == s) {
-            /* empty match: nothing to split off; step one character */
-            size_t cl;
-            utf8_step(p + s, len - s, &cl);
-            search = s + cl;
-            continue;
-        }
-        int r;
-        if (s > pos && (r = encode_pretoken(t, p + pos, s - pos, out)))  /* gap */
-            return r;
-        if ((r = encode_pretoken(t, p + s, e - s, out)))
-            return r;
-        pos = search = e;
-    }
-    if (pos < len)
-        return encode_pretoken(t, p + pos, len - pos, out);
-    return 0;
-}
