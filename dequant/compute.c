@@ -211,7 +211,7 @@ static int compute_flat(const struct job *j)
     const struct dq_src *s = &o->src[el / per_src];
     float *scales = NULL;
     if (s->q) {
-        if (dq_qstate_check_map(s->q))
+        if (dq_qstate_check_map_raw(s->q))
             return -EIO;
         scales = scratch_get(scales_needed(s, n) * sizeof(float));
         if (!scales)
@@ -342,7 +342,7 @@ static int compute_fuse_t(const struct job *j)
     const uint64_t C = s->rows, R = s->cols;
     const uint64_t rows = o->slice_elems / C;
     const uint64_t r0 = sj * rows, r1 = r0 + rows < R ? r0 + rows : R;
-    if (s->q && dq_qstate_check_map(s->q))
+    if (s->q && dq_qstate_check_map_raw(s->q))
         return -EIO;
     if (fuse_t_fast_ok(s, r0) && !getenv_tile_path())
         return compute_fuse_t_codes(j, s, r0, r1);

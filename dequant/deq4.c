@@ -108,7 +108,10 @@ static inline float f64_to_f32_odd(double d, bool keep_exact_f32, uint64_t *sat)
 {
     if (isnan(d) || isinf(d))
         return (float)d;
-    if (fabs(d) > 3.4028234663852886e38) {
+    /* 2^128 - 2^103: FLT_MAX plus half an ulp, where round-to-nearest-even
+     * reaches inf. Values just above FLT_MAX still round to it (no
+     * saturation); for F16/BF16 outputs they saturate later anyway. */
+    if (fabs(d) >= 3.4028235677973366e38) {
         if (keep_exact_f32)
             (*sat)++;
         return d < 0 ? -3.40282347e38f : 3.40282347e38f;

@@ -160,6 +160,10 @@ int dq_qstate_load(const struct dq_ckpt *ck, const char *weight_name, struct dq_
  * quant_state.*): hidden from the output. */
 bool dq_is_quant_companion(const char *name);
 
+/* 0 when the stored quant_map is the built-in table of its quant type,
+ * -EIO (logged) otherwise. Reads mapped bytes under the SIGBUS guard. */
+int dq_qstate_check_map(const struct dq_qstate *q);
+
 /* Per-block fp32 scales a[b] for blocks [b0, b0+n) (formats.md §2).
  * Reads mapped source bytes under the SIGBUS guard; -EIO (logged with the
  * tensor) on a non-finite scale, a quant_map that is not the standard

@@ -4,9 +4,8 @@
 
 #include "dequant.h"
 
-/* The stored quant_map must be the built-in code table (-EIO, logged).
- * Must run under dq_guard. */
-int dq_qstate_check_map(const struct dq_qstate *q);
+/* dq_qstate_check_map without the guard (callers already run under it). */
+int dq_qstate_check_map_raw(const struct dq_qstate *q);
 /* Scales a[0..n) of blocks [b0, b0+n) from mapped bytes. Must run under
  * dq_guard. -EIO (logged) on a non-finite scale. */
 int dq_qstate_scales_raw(const struct dq_qstate *q, uint64_t b0, uint64_t n, float *a);

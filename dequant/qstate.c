@@ -221,7 +221,7 @@ static float load_f32(const uint8_t *p)
     return v;
 }
 
-int dq_qstate_check_map(const struct dq_qstate *q)
+int dq_qstate_check_map_raw(const struct dq_qstate *q)
 {
     const float *table = q->qtype == DQ_NF4 ? dq_nf4_table : dq_fp4_table;
     const uint8_t *qm = dq_tensor_bytes(q->quant_map);
@@ -315,7 +315,7 @@ struct scales_args {
 static int scales_thunk(void *p)
 {
     struct scales_args *s = p;
-    int rc = dq_qstate_check_map(s->q);
+    int rc = dq_qstate_check_map_raw(s->q);
     return rc ? rc : dq_qstate_scales_raw(s->q, s->b0, s->n, s->a);
 }
 
@@ -323,4 +323,11 @@ int dq_qstate_scales(const struct dq_qstate *q, uint64_t b0, uint64_t n, float *
 {
     struct scales_args s = {q, b0, n, a};
     return dq_guard(scales_thunk, &s);
+}
+
+static int check_map_thunk(void *p) { return dq_qstate_check_map_raw(p); }
+
+int dq_qstate_check_map(const struct dq_qstate *q)
+{
+    return dq_guard(check_map_thunk, (void *)q);
 }

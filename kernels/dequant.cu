@@ -434,7 +434,8 @@ __device__ __forceinline__ float f16_to_f32(uint16_t h)
 
 /* deq4.c's f64_to_f32_odd: round to odd (so the later rounding to F16/BF16
  * is a single correct rounding), or RNE when the output is F32; finite
- * values beyond FLT_MAX become FLT_MAX (counted only for F32 output). */
+ * values that would round past FLT_MAX become FLT_MAX (counted only for F32
+ * output). */
 __device__ __forceinline__ float f64_to_f32(double d, bool f32_out, unsigned &sat)
 {
     const uint64_t u = (uint64_t)__double_as_longlong(d);
@@ -446,11 +447,15 @@ __device__ __forceinline__ float f64_to_f32(double d, bool f32_out, unsigned &sa
         /* x86 cvtsd2ss: quiet, keep the top 23 payload bits */
         return __uint_as_float(sign | 0x7fc00000u | (uint32_t)((au >> 29) & 0x7fffffu));
     }
-    if (fabs(d) > 3.4028234663852886e38) {
+    /* FLT_MAX + half an ulp (2^128 - 2^103) is where RNE reaches inf; just
+     * above FLT_MAX still rounds to it and is not a saturation. */
+    if (fabs(d) >= 3.4028235677973366e38) {
         if (f32_out)
             sat++;
         return __uint_as_float(sign | 0x7f7fffffu);
     }
+    if (fabs(d) > 3.4028234663852886e38) /* rounds (RNE and RZ alike) to FLT_MAX */
+        return __uint_as_float(sign | 0x7f7fffffu);
     if (f32_out)
         return __double2float_rn(d);
     float f = __double2float_rz(d);

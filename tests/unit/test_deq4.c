@@ -150,6 +150,14 @@ static void test_saturation(void)
     CHECK_EQ_U64(oh[0], 0x7bff);
     CHECK_EQ_U64(oh[1], 0x3c00);
     CHECK_EQ_U64(oh[2], 0x7bff);
+    /* f64 -> f32: just above FLT_MAX still rounds to it (not saturated);
+     * FLT_MAX + half an ulp would round to inf (saturated, counted). */
+    double edge[2] = {0x1.fffffefffffffp+127, 0x1.ffffffp+127};
+    float of[2];
+    sat.count = 0;
+    dq_convert(DQ_F64, edge, 2, DQ_F32, of, &sat);
+    CHECK_EQ_U64(sat.count, 1);
+    CHECK(of[0] == 3.40282347e38f && of[1] == 3.40282347e38f);
     /* f64 needing one rounding, not two: 1 + 2^-11 + 2^-40 rounds up to
      * 1 + 2^-10 in f16, while f64->f32->f16 would tie to even (1.0). */
     double tricky = 1.0 + ldexp(1, -11) + ldexp(1, -40);
