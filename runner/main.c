@@ -89,6 +89,13 @@ static int read_all(FILE *f, struct rn_buf *b)
     return ferror(f) ? -EIO : 0;
 }
 
+/* fwrite that accepts an empty (NULL) buffer. */
+static void put(FILE *f, const void *p, size_t n)
+{
+    if (n)
+        fwrite(p, 1, n, f);
+}
+
 /* Appends ids as decimal numbers separated by spaces. */
 static int format_ids(struct rn_buf *b, const int32_t *ids, size_t n)
 {
@@ -140,7 +147,7 @@ static int do_tokenize(struct rn_tok *t, const struct rn_opts *o)
             rc = err1("out of memory");
             goto done;
         }
-        fwrite(out.p, 1, out.n, stdout);
+        put(stdout, out.p, out.n);
         pos = end + 1;
         rec++;
     } while (o->nul && pos <= in.n);
@@ -183,7 +190,7 @@ static int do_detokenize(struct rn_tok *t, const struct rn_opts *o)
             rc = err1("out of memory");
             goto done;
         }
-        fwrite(out.p, 1, out.n, stdout);
+        put(stdout, out.p, out.n);
         pos = end + 1;
         line++;
     }
@@ -307,7 +314,7 @@ static int do_render(const struct rn_opts *o, const struct rn_harmony *h)
         if (format_ids(&out, ids.v, ids.n) || rn_buf_append(&out, "\n", 1))
             rc = err1("out of memory");
         else
-            fwrite(out.p, 1, out.n, stdout);
+            put(stdout, out.p, out.n);
     }
     if (!rc)
         rc = flush_out(stdout, "stdout");
@@ -415,11 +422,94 @@ static int do_parse_ids(const struct rn_harmony *h)
     } else {
         rc = 1;                     /* the parser logged where */
     }
-    fwrite(out.p, 1, out.n, stdout);
+    put(stdout, out.p, out.n);
     if (flush_out(stdout, "stdout"))
         rc = 1;
 done:
     rn_hparser_free(&p);
+    rn_buf_free(&in);
+    rn_buf_free(&out);
+    rn_ids_free(&ids);
+    return rc;
+}
+
+/* ------------------------------------------------------ sample replay */
+
+/* vocab_size from MODEL/config.json (the length of one logits vector). */
+static int model_vocab(const char *model, int *vocab)
+{
+    char path[4096];
+    snprintf(path, sizeof path, "%s/config.json", model);
+    FILE *f = fopen(path, "rb");
+    if (!f)
+        return err1("%s: %s", path, strerror(errno));
+    struct rn_buf b = {0};
+    int rc = read_all(f, &b) ? err1("%s: read error", path) : 0;
+    fclose(f);
+    cJSON *j = rc ? NULL : cJSON_ParseWithLength(b.p ? b.p : "", b.n);
+    const cJSON *v = cJSON_GetObjectItemCaseSensitive(j, "vocab_size");
+    if (!rc && (!cJSON_IsNumber(v) || v->valuedouble < 1 || v->valuedouble > INT32_MAX / 4 ||
+                v->valuedouble != (double)v->valueint))
+        rc = err1("%s: no positive integer \"vocab_size\"", path);
+    if (!rc)
+        *vocab = v->valueint;
+    cJSON_Delete(j);
+    rn_buf_free(&b);
+    return rc;
+}
+
+static uint64_t random_seed(void)
+{
+    uint64_t s;
+    if (getrandom(&s, sizeof s, 0) != sizeof s)
+        s = (uint64_t)time(NULL) ^ ((uint64_t)getpid() << 32);
+    return s;
+}
+
+/* --sample-logits: the sampler over saved logits, one id per step. */
+static int do_sample(const struct rn_opts *o)
+{
+    int vocab = 0;
+    if (model_vocab(o->model, &vocab))
+        return 1;
+    bool std = strcmp(o->sample_path, "-") == 0;
+    FILE *f = std ? stdin : fopen(o->sample_path, "rb");
+    if (!f)
+        return err1("--sample-logits %s: %s", o->sample_path, strerror(errno));
+    struct rn_buf in = {0}, out = {0};
+    struct rn_ids ids = {0};
+    struct rn_sampler *smp = NULL;
+    int rc = read_all(f, &in) ? err1("--sample-logits %s: read error", o->sample_path) : 0;
+    if (!std)
+        fclose(f);
+    size_t step = (size_t)vocab * sizeof(float);
+    if (!rc && in.n % step)
+        rc = err1("--sample-logits %s: %zu bytes is not a whole number of steps of %d float32 "
+                  "logits (vocab_size)", o->sample_path, in.n, vocab);
+    struct rn_sample_opts so = o->sample;
+    so.seed = o->seed_set ? o->sample.seed : random_seed();
+    if (!rc && rn_sampler_new(vocab, &so, &smp))
+        rc = err1("out of memory");
+    float *l = rc ? NULL : malloc(step);
+    if (!rc && !l)
+        rc = err1("out of memory");
+    for (size_t k = 0; !rc && k < in.n / step; k++) {
+        memcpy(l, in.p + k * step, step);       /* the buffer need not be aligned */
+        int32_t id;
+        if (rn_sampler_pick(smp, l, &id))
+            rc = err1("--sample-logits %s: step %zu has no finite logit", o->sample_path, k);
+        else if (rn_ids_push(&ids, id))
+            rc = err1("out of memory");
+    }
+    if (!rc) {
+        if (format_ids(&out, ids.v, ids.n) || rn_buf_append(&out, "\n", 1))
+            rc = err1("out of memory");
+        else
+            put(stdout, out.p, out.n);
+        rc = rc ? rc : flush_out(stdout, "stdout");
+    }
+    free(l);
+    rn_sampler_free(smp);
     rn_buf_free(&in);
     rn_buf_free(&out);
     rn_ids_free(&ids);
@@ -936,9 +1026,7 @@ static int gen_main(const struct rn_opts *o, struct rn_tok *t, const struct rn_h
     for (int i = 0; i < cfg->neos && i < RN_MAX_EOS; i++)
         if (!h || (cfg->eos[i] != h->end && cfg->eos[i] != h->ret && cfg->eos[i] != h->call))
             g.eos[g.neos++] = cfg->eos[i];
-    g.seed = o->sample.seed;
-    if (!o->seed_set && getrandom(&g.seed, sizeof g.seed, 0) != sizeof g.seed)
-        g.seed = (uint64_t)time(NULL) ^ ((uint64_t)getpid() << 32);
+    g.seed = o->seed_set ? o->sample.seed : random_seed();
     struct rn_sample_opts so = o->sample;
     so.seed = g.seed;
     if (rn_sampler_new(g.vocab, &so, &g.smp) ||
@@ -1081,6 +1169,11 @@ int main(int argc, char **argv)
         err1("MODEL %s: not a directory (expected a gpt-oss model directory)", o.model);
         rn_opts_free(&o);
         return 1;
+    }
+    if (o.mode == RN_MODE_SAMPLE) {         /* needs no tokenizer */
+        int rc = do_sample(&o);
+        rn_opts_free(&o);
+        return rc;
     }
     char tokpath[4096];
     if ((size_t)snprintf(tokpath, sizeof tokpath, "%s/tokenizer.json", o.model) >= sizeof tokpath) {

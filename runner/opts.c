@@ -59,6 +59,10 @@ void rn_opts_usage(FILE *f)
 "                         prompt's last position and every generated step\n"
 "  --check                open and validate MODEL (config, every tensor's dtype\n"
 "                         and shape), print a summary; needs no GPU\n"
+"  --sample-logits FILE   replay sampling: read float32 logits as --logits\n"
+"                         writes them (vocab_size of MODEL/config.json per step)\n"
+"                         and print the id picked for each step with the\n"
+"                         sampling options above; needs no GPU\n"
 "\n"
 "Tokenizer tools (need only MODEL/tokenizer.json, no GPU):\n"
 "  --tokenize             stdin as plain text -> ids on one line\n"
@@ -79,7 +83,7 @@ enum {
     O_SYSTEM = 256, O_DATE, O_REASONING, O_SHOW_REASONING, O_CHAT, O_RAW, O_IDS,
     O_TEMPERATURE, O_TOP_P, O_TOP_K, O_SEED, O_MAX_TOKENS, O_MAX_CONTEXT, O_DEVICE,
     O_VRAM_BUDGET, O_NO_GRAPHS, O_STATS, O_LOGITS, O_CHECK, O_TOKENIZE, O_DETOKENIZE,
-    O_RENDER, O_PARSE_IDS, O_CONVERSATION,
+    O_RENDER, O_PARSE_IDS, O_CONVERSATION, O_SAMPLE,
 };
 
 static const struct option k_long[] = {
@@ -103,6 +107,7 @@ static const struct option k_long[] = {
     {"stats", no_argument, NULL, O_STATS},
     {"logits", required_argument, NULL, O_LOGITS},
     {"check", no_argument, NULL, O_CHECK},
+    {"sample-logits", required_argument, NULL, O_SAMPLE},
     {"tokenize", no_argument, NULL, O_TOKENIZE},
     {"detokenize", no_argument, NULL, O_DETOKENIZE},
     {"null", no_argument, NULL, 'z'},
@@ -309,6 +314,7 @@ int rn_opts_parse(int argc, char **argv, struct rn_opts *o, char *err, size_t er
             o->logits_path = arg;
             break;
         case O_CHECK: m = RN_MODE_CHECK; flag = "--check"; break;
+        case O_SAMPLE: m = RN_MODE_SAMPLE; flag = "--sample-logits"; o->sample_path = arg; break;
         case O_TOKENIZE: m = RN_MODE_TOKENIZE; flag = "--tokenize"; break;
         case O_DETOKENIZE: m = RN_MODE_DETOKENIZE; flag = "--detokenize"; break;
         case O_RENDER: m = RN_MODE_RENDER; flag = "--render"; break;
@@ -369,9 +375,10 @@ int rn_opts_parse(int argc, char **argv, struct rn_opts *o, char *err, size_t er
     case RN_MODE_DETOKENIZE:
     case RN_MODE_PARSE_IDS:
     case RN_MODE_CHECK:
+    case RN_MODE_SAMPLE:
         if (o->prompt)
             return fail(err, errlen, "%s takes no PROMPT (%s)", mf,
-                        o->mode == RN_MODE_CHECK ? "it only opens MODEL" : "it reads stdin");
+                        o->mode == RN_MODE_CHECK ? "it only opens MODEL" : "it reads its input");
         break;
     default:
         break;

@@ -24,6 +24,7 @@ enum rn_mode {
     RN_MODE_RENDER,                 /* --render: ids of the chat prompt */
     RN_MODE_PARSE_IDS,              /* --parse-ids: generated ids -> JSON lines */
     RN_MODE_CHECK,                  /* --check: open the model, print a summary */
+    RN_MODE_SAMPLE,                 /* --sample-logits FILE: replay sampling on saved logits */
     RN_MODE_HELP,
     RN_MODE_VERSION,
 };
@@ -44,6 +45,7 @@ struct rn_opts {
     bool show_reasoning;            /* analysis channel to stderr */
     bool stats;                     /* --stats */
     const char *logits_path;        /* --logits FILE */
+    const char *sample_path;        /* --sample-logits FILE ("-" = stdin) */
     bool nul;                       /* -z: NUL-separated records (tokenize/detokenize) */
     /* sampling and limits */
     struct rn_sample_opts sample;   /* temperature 1, top_p 1, top_k 0 */

@@ -213,3 +213,254 @@ def test_chat_reads_stdin_lines_and_fails_cleanly_without_gpu(exe, tiny_model):
     r = run(exe, tiny_model, "--chat", stdin=b"Hello\n/exit\n")
     assert r.returncode == 1
     one_error(r)
+
+
+# ---------------------------------------------------------------- sampling
+# --sample-logits replays the sampler on saved logits. The sampler's exact
+# procedure is specified in runner/sample.h; SampleRef below re-implements
+# that specification with numpy float32/float64 arithmetic (IEEE, no FMA) so
+# the picks must agree id for id, and the statistics are checked against an
+# independent float64 softmax.
+
+import numpy as np  # noqa: E402
+
+M64 = (1 << 64) - 1
+
+
+class Xoshiro:
+    """xoshiro256** seeded by splitmix64, as sample.h documents."""
+
+    def __init__(self, seed):
+        x = seed & M64
+        self.s = []
+        for _ in range(4):
+            x = (x + 0x9E3779B97F4A7C15) & M64
+            z = x
+            z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & M64
+            z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & M64
+            self.s.append(z ^ (z >> 31))
+
+    @staticmethod
+    def rotl(x, k):
+        return ((x << k) | (x >> (64 - k))) & M64
+
+    def next(self):
+        s = self.s
+        out = (self.rotl((s[1] * 5) & M64, 7) * 9) & M64
+        t = (s[1] << 17) & M64
+        s[2] ^= s[0]
+        s[3] ^= s[1]
+        s[1] ^= s[2]
+        s[0] ^= s[3]
+        s[2] ^= t
+        s[3] = self.rotl(s[3], 45)
+        return out
+
+    def uniform(self):
+        return (self.next() >> 11) * 2.0 ** -53
+
+
+F = np.float32
+
+
+def exp_neg(x):
+    """sample.c's float polynomial exp for x in [-87, 0] (float32 array)."""
+    ki = -np.trunc(F(0.5) - x * F(1.44269504088896341)).astype(np.int32)
+    k = ki.astype(F)
+    r = x - k * F(0.693359375)
+    r = r + k * F(2.12194440e-4)
+    z = r * r
+    p = ((((F(1.9875691500e-4) * r + F(1.3981999507e-3)) * r + F(8.3334519073e-3)) * r +
+          F(4.1665795894e-2)) * r + F(1.6666665459e-1)) * r + F(5.0000001201e-1)
+    p = p * z + r + F(1.0)
+    scale = ((ki + 127).astype(np.uint32) << 23).view(F)
+    return p * scale
+
+
+def weights(l, mx, inv_t):
+    ok = np.isfinite(l)
+    x = np.where(ok, (np.where(ok, l, F(0)) - mx) * inv_t, F(-87.0)).astype(F)
+    x = np.maximum(x, F(-87.0))
+    return np.where(ok, exp_neg(x), F(0)).astype(F)
+
+
+def ref_pick(l, rng, temperature, top_p, top_k):
+    n = len(l)
+    fin = np.isfinite(l)
+    best = int(np.argmax(np.where(fin, l, -np.inf)))
+    mx = l[best]
+    if temperature == 0:
+        return best
+    inv_t = F(1.0 / temperature)
+
+    def nucleus(cand, total):                      # cand: [(w, id)]
+        cand.sort(key=lambda c: (-c[0], c[1]))
+        want, run, k = top_p * total, 0.0, 0
+        while k < len(cand):
+            run += float(cand[k][0])
+            k += 1
+            if run >= want:
+                break
+        return cand[:k], run
+
+    def draw(cand, total):
+        u, run = rng.uniform() * total, 0.0
+        for w, i in cand:
+            run += float(w)
+            if u < run:
+                return i
+        return next(i for w, i in reversed(cand) if w > 0)
+
+    if 0 < top_k < n:
+        ids = sorted(sorted(np.flatnonzero(fin), key=lambda i: (-l[i], i))[:top_k])
+        w = weights(l[ids], F(max(l[ids])), inv_t)
+        cand = [(w[j], int(i)) for j, i in enumerate(ids)]
+        total = 0.0
+        for c in cand:
+            total += float(c[0])
+        if top_p < 1:
+            cand, total = nucleus(cand, total)
+        return draw(cand, total)
+    w = weights(l, mx, inv_t)
+    nb = (n + 63) // 64
+    wp = np.zeros(nb * 64, dtype=F)
+    wp[:n] = w
+    bsum = []
+    total = 0.0
+    for b in range(nb):
+        lanes = [0.0] * 8
+        for k in range(0, 64, 8):
+            for j in range(8):
+                lanes[j] += float(wp[b * 64 + k + j])
+        s = ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + \
+            ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]))
+        bsum.append(s)
+        total += s
+    if top_p < 1:
+        cut = F(0.5 * (1 - top_p) / n * total)
+        cand = [(w[i], i) for i in range(n) if w[i] >= cut and w[i] > 0]
+        cand, kept = nucleus(cand, total)
+        return draw(cand, kept)
+    u, run, b = rng.uniform() * total, 0.0, 0
+    while b < nb - 1 and u >= run + bsum[b]:
+        run += bsum[b]
+        b += 1
+    last = -1
+    for t in range(64):
+        i = b * 64 + t
+        if i >= n:
+            break
+        if wp[i] > 0:
+            last = i
+        run += float(wp[i])
+        if u < run and wp[i] > 0:
+            return i
+    return last if last >= 0 else best
+
+
+@pytest.fixture
+def sample_model(tmp_path):
+    def make(vocab):
+        d = tmp_path / f"v{vocab}"
+        d.mkdir(exist_ok=True)
+        (d / "config.json").write_text(json.dumps({"vocab_size": vocab}))
+        return d
+    return make
+
+
+def sample(exe, model, logits, *args):
+    f = model / "logits.bin"
+    np.asarray(logits, dtype=F).tofile(f)
+    r = run(exe, model, "--sample-logits", f, *args)
+    assert r.returncode == 0, r.stderr.decode()
+    return [int(x) for x in r.stdout.split()]
+
+
+def random_logits(steps, vocab, seed, specials=True):
+    g = np.random.default_rng(seed)
+    l = (g.standard_normal((steps, vocab)) * 3).astype(F)
+    l[:, g.integers(0, vocab, 3)] += F(6)          # a few likely tokens
+    if specials:
+        l[:, 5] = np.nan
+        l[:, 7] = -np.inf
+        l[1::3, 11] = np.inf                       # +inf is never picked either
+    return l
+
+
+@pytest.mark.parametrize("opts", [
+    dict(temperature=1.0, top_p=1.0, top_k=0),
+    dict(temperature=0.6, top_p=1.0, top_k=0),
+    dict(temperature=1.0, top_p=0.9, top_k=0),
+    dict(temperature=1.3, top_p=0.5, top_k=0),
+    dict(temperature=1.0, top_p=1.0, top_k=40),
+    dict(temperature=0.8, top_p=0.7, top_k=25),
+    dict(temperature=0.0, top_p=1.0, top_k=0),
+])
+@pytest.mark.parametrize("vocab", [1003, 4096])
+def test_sampler_matches_its_specification(exe, sample_model, opts, vocab):
+    steps, seed = 300, 12345
+    l = random_logits(steps, vocab, seed=vocab)
+    got = sample(exe, sample_model(vocab), l, "--seed", seed,
+                 "--temperature", opts["temperature"], "--top-p", opts["top_p"],
+                 "--top-k", opts["top_k"])
+    rng = Xoshiro(seed)
+    want = [ref_pick(l[s], rng, **opts) for s in range(steps)]
+    assert got == want
+
+
+def test_seed_reproducible_and_varies(exe, sample_model):
+    l = random_logits(200, 512, seed=3, specials=False)
+    m = sample_model(512)
+    a = sample(exe, m, l, "--seed", 7)
+    assert sample(exe, m, l, "--seed", 7) == a
+    assert sample(exe, m, l, "--seed", 8) != a
+
+
+def test_sampling_follows_softmax(exe, sample_model):
+    """20,000 draws from one distribution: every token's frequency within
+    5 sigma of softmax(l / T), computed independently in float64."""
+    vocab, steps, temp = 64, 20000, 0.8
+    base = np.random.default_rng(5).standard_normal(vocab).astype(F) * F(1.5)
+    got = sample(exe, sample_model(vocab), np.tile(base, (steps, 1)), "--seed", 99,
+                 "--temperature", temp)
+    p = np.exp((base.astype(np.float64) - base.max()) / temp)
+    p /= p.sum()
+    counts = np.bincount(got, minlength=vocab)
+    sigma = np.sqrt(steps * p * (1 - p)) + 1
+    assert np.all(np.abs(counts - steps * p) < 5 * sigma), (counts, steps * p)
+
+
+def test_top_k_and_top_p_cut_the_tail(exe, sample_model):
+    vocab, steps = 100, 3000
+    base = np.linspace(0, 5, vocab).astype(F)            # token 99 likeliest
+    l = np.tile(base, (steps, 1))
+    m = sample_model(vocab)
+    assert set(sample(exe, m, l, "--seed", 1, "--top-k", 5)) <= set(range(95, 100))
+    p = np.exp(base - base.max())
+    p /= p.sum()
+    order = np.argsort(-p)
+    nucleus = set(order[:np.searchsorted(np.cumsum(p[order]), 0.5) + 1].tolist())
+    got = set(sample(exe, m, l, "--seed", 1, "--top-p", 0.5))
+    assert got <= nucleus and len(got) == len(nucleus)
+    assert set(sample(exe, m, l, "--seed", 1, "--top-k", 1, "--temperature", 5)) == {99}
+
+
+def test_greedy_skips_nan_and_inf_and_empty_step_is_an_error(exe, sample_model):
+    m = sample_model(4)
+    nan, inf = float("nan"), float("inf")
+    assert sample(exe, m, [[nan, 1, 3, inf], [2, 2, -inf, 1]], "--temperature", 0) == [2, 0]
+    np.asarray([[nan, nan, -inf, inf]], dtype=F).tofile(m / "bad.bin")
+    r = run(exe, m, "--sample-logits", m / "bad.bin", "--seed", 1)
+    assert r.returncode == 1
+    one_error(r, "step 0", "no finite logit")
+
+
+def test_sample_logits_file_errors(exe, sample_model, tmp_path):
+    m = sample_model(10)
+    (m / "short.bin").write_bytes(b"\0" * 36)
+    r = run(exe, m, "--sample-logits", m / "short.bin")
+    assert r.returncode == 1
+    one_error(r, "36 bytes", "10 float32")
+    r = run(exe, tmp_path, "--sample-logits", m / "short.bin")
+    assert r.returncode == 1
+    one_error(r, "config.json")
