@@ -107,9 +107,10 @@ int kn_llm_moe_down_decode(const float *act, struct kn_expert_src W, const float
                            const int *ids, const float *w, int I, int H, int topk, int ksplit,
                            float *partial, int *counters, float *x, cudaStream_t s);
 
-/* Split of K that gives the expert GEMVs enough blocks on this card, and the
- * partial-sum workspace it needs (floats) for an output width N. */
-int kn_llm_moe_ksplit(int K, int N, int topk, int nsm);
+/* Split of K that gives the expert GEMVs enough blocks on this card (mode 0
+ * gate_up, 1 down), and the partial-sum workspace it needs (floats) for an
+ * output width N. */
+int kn_llm_moe_ksplit(int K, int N, int topk, int nsm, int mode);
 size_t kn_llm_moe_partial_floats(int N, int topk, int ksplit);
 /* Counters (ints) the expert GEMVs need for an output width N. */
 int kn_llm_moe_counters(int N);

@@ -10,15 +10,13 @@
  * split-K partials and over experts happen in a fixed order in the last
  * block to arrive, so results do not depend on block scheduling.
  */
-#include <stdlib.h>
-
 #include "llm_common.cuh"
 
 int kn_llm_pdl_on;
 
 extern "C" void kn_llm_set_pdl(int on) { kn_llm_pdl_on = on; }
 
-#define GEMV_THREADS 256
+#define GEMV_THREADS 128  /* small blocks: one wave even at ~90 registers a thread */
 /* Lines of 128 bytes of each row a GEMV block prefetches into L2 before
  * waiting for the previous kernel (PDL): 2 KB a row keeps the first wave's
  * prefetch well inside L2. */
@@ -54,24 +52,36 @@ __device__ __forceinline__ void load_vec_norm(float4 *xs4, const float *__restri
     __syncthreads();
 }
 
-/* acc[r] = dot(row r, xs) over K8 groups of 8, lanes striding. */
+/* acc[r] = dot(row r, xs) over K8 groups of 8, lanes striding. Loads go in
+ * batches of U groups per row, all issued before the first is used, so a
+ * short row costs one or two memory round trips, not one per group. */
 template <int R>
 __device__ __forceinline__ void rows_dot(const uint4 *const (&w)[R], const float4 *xs4, int K8,
                                          int lane, float (&acc)[R])
 {
+    constexpr int U = R == 1 ? 16 : R == 2 ? 8 : 4;
 #pragma unroll
     for (int r = 0; r < R; r++)
         acc[r] = 0.f;
-#pragma unroll 4
-    for (int c = lane; c < K8; c += 32) {
-        const float4 a = xs4[2 * c], b = xs4[2 * c + 1];
-        uint4 wv[R];
+    for (int c0 = 0; c0 < K8; c0 += 32 * U) {
+        uint4 wv[U][R];
 #pragma unroll
-        for (int r = 0; r < R; r++)
-            wv[r] = ld_stream(w[r] + c);
+        for (int u = 0; u < U; u++) {
+            const int c = c0 + lane + 32 * u;
 #pragma unroll
-        for (int r = 0; r < R; r++)
-            acc[r] += dot8(wv[r], a, b);
+            for (int r = 0; r < R; r++)
+                wv[u][r] = c < K8 ? ld_stream(w[r] + c) : make_uint4(0, 0, 0, 0);
+        }
+#pragma unroll
+        for (int u = 0; u < U; u++) {
+            const int c = c0 + lane + 32 * u;
+            if (c < K8) {
+                const float4 a = xs4[2 * c], b = xs4[2 * c + 1];
+#pragma unroll
+                for (int r = 0; r < R; r++)
+                    acc[r] += dot8(wv[u][r], a, b);
+            }
+        }
     }
 #pragma unroll
     for (int r = 0; r < R; r++)
@@ -288,7 +298,7 @@ __device__ void warp_topk_softmax(const float *logits, int E, int topk, int *ids
     }
 }
 
-#define ROUTE_THREADS 1024
+#define ROUTE_THREADS 512
 #define MAX_TOPK 32
 
 __global__ void __launch_bounds__(ROUTE_THREADS)
@@ -311,12 +321,17 @@ route_decode_kernel(const float *__restrict__ x, const float *__restrict__ norm_
     for (int i = threadIdx.x; i < (H >> 2); i += blockDim.x)
         hn4[i] = xs4[i];
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, nw = blockDim.x >> 5;
-    for (int e = warp; e < E; e += nw) {
-        const uint4 *wr[1] = {reinterpret_cast<const uint4 *>(Wr + (size_t)e * H)};
-        float acc[1];
-        rows_dot<1>(wr, xs4, H >> 3, lane, acc);
-        if (lane == 0)
+    for (int e = 2 * warp; e < E; e += 2 * nw) {    /* two rows a warp, one round trip */
+        const int e1 = e + 1 < E ? e + 1 : e;
+        const uint4 *wr[2] = {reinterpret_cast<const uint4 *>(Wr + (size_t)e * H),
+                              reinterpret_cast<const uint4 *>(Wr + (size_t)e1 * H)};
+        float acc[2];
+        rows_dot<2>(wr, xs4, H >> 3, lane, acc);
+        if (lane == 0) {
             logits[e] = acc[0] + br[e];
+            if (e + 1 < E)
+                logits[e + 1] = acc[1] + br[e + 1];
+        }
     }
     __syncthreads();
     if (warp == 0)
@@ -387,22 +402,20 @@ moe_cols_kernel(const float *__restrict__ xin, const __half *base,
     if (col < N) {
         const size_t rstride = (size_t)(N >> 3);  /* uint4 per row */
         const uint4 *wp = reinterpret_cast<const uint4 *>(W + (size_t)(k0 + rg) * N + col);
-        int k = k0 + rg;
-        /* Four rows in flight per thread before the first use. */
-        for (; k + 3 * MOE_ROWGROUPS < k1; k += 4 * MOE_ROWGROUPS) {
-            uint4 w0 = ld_stream(wp);
-            uint4 w1 = ld_stream(wp + rstride * MOE_ROWGROUPS);
-            uint4 w2 = ld_stream(wp + 2 * rstride * MOE_ROWGROUPS);
-            uint4 w3 = ld_stream(wp + 3 * rstride * MOE_ROWGROUPS);
-            axpy8(acc, xs[k - k0], w0);
-            axpy8(acc, xs[k - k0 + MOE_ROWGROUPS], w1);
-            axpy8(acc, xs[k - k0 + 2 * MOE_ROWGROUPS], w2);
-            axpy8(acc, xs[k - k0 + 3 * MOE_ROWGROUPS], w3);
-            wp += 4 * rstride * MOE_ROWGROUPS;
-        }
-        for (; k < k1; k += MOE_ROWGROUPS) {
-            axpy8(acc, xs[k - k0], ld_stream(wp));
-            wp += rstride * MOE_ROWGROUPS;
+        /* Eight rows in flight per thread before the first use. */
+        constexpr int U = 8;
+        for (int kb = k0 + rg; kb < k1; kb += U * MOE_ROWGROUPS) {
+            uint4 wv[U];
+#pragma unroll
+            for (int u = 0; u < U; u++)
+                wv[u] = kb + u * MOE_ROWGROUPS < k1
+                            ? ld_stream(wp + (size_t)u * MOE_ROWGROUPS * rstride)
+                            : make_uint4(0, 0, 0, 0);
+#pragma unroll
+            for (int u = 0; u < U; u++)
+                if (kb + u * MOE_ROWGROUPS < k1)
+                    axpy8(acc, xs[kb + u * MOE_ROWGROUPS - k0], wv[u]);
+            wp += (size_t)U * MOE_ROWGROUPS * rstride;
         }
     }
 #pragma unroll
@@ -464,23 +477,17 @@ moe_cols_kernel(const float *__restrict__ xin, const __half *base,
     }
 }
 
-/* Output columns per expert-GEMV block: 64 (one 128-byte line per row and
- * block); BNBFS_MOE_TILE=128|256 selects wider tiles (tuning experiments). */
-static int moe_tile(void)
-{
-    static int tw;
-    if (!tw) {
-        const char *v = getenv("BNBFS_MOE_TILE");
-        tw = v && (atoi(v) == 128 || atoi(v) == 256) ? atoi(v) : 64;
-    }
-    return tw;
-}
+/* Output columns per expert-GEMV block. Measured on an H200 with
+ * llm-bench-kernels (tests/bench/NOTES-engine.md): gate_up (N = 5760) 41 us
+ * with 128 columns vs 52 us with 64; down (N = 2880) 28 us with 64 vs 29
+ * with 128. */
+static int moe_tile(int mode) { return mode == 0 ? 128 : 64; }
 
 extern "C" int kn_llm_moe_counters(int N) { return kn_div_up(N, 64); }
 
-extern "C" int kn_llm_moe_ksplit(int K, int N, int topk, int nsm)
+extern "C" int kn_llm_moe_ksplit(int K, int N, int topk, int nsm, int mode)
 {
-    const int tiles = kn_div_up(N, moe_tile());
+    const int tiles = kn_div_up(N, moe_tile(mode));
     int ks = kn_div_up(4L * nsm, (long)tiles * topk);
     const int maxks = K / 64 > 1 ? K / 64 : 1;   /* at least 64 rows per split */
     if (ks > maxks)
@@ -518,17 +525,11 @@ static int moe_launch(const float *xin, struct kn_expert_src W, const int *ids, 
                       int topk, int ksplit, float *partial, int *counters, const float *b,
                       const float *wts, float limit, float alpha, float *out, cudaStream_t s)
 {
-    switch (moe_tile()) {
-    case 128:
+    if (moe_tile(MODE) == 128)
         return moe_launch_tw<MODE, 128>(xin, W, ids, K, N, topk, ksplit, partial, counters, b,
                                         wts, limit, alpha, out, s);
-    case 256:
-        return moe_launch_tw<MODE, 256>(xin, W, ids, K, N, topk, ksplit, partial, counters, b,
-                                        wts, limit, alpha, out, s);
-    default:
-        return moe_launch_tw<MODE, 64>(xin, W, ids, K, N, topk, ksplit, partial, counters, b,
-                                       wts, limit, alpha, out, s);
-    }
+    return moe_launch_tw<MODE, 64>(xin, W, ids, K, N, topk, ksplit, partial, counters, b, wts,
+                                   limit, alpha, out, s);
 }
 
 extern "C" int kn_llm_moe_gate_up_decode(const float *hn, struct kn_expert_src W,

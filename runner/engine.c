@@ -39,11 +39,11 @@ static int blas_fail(cublasStatus_t st, const char *what)
 
 /* C[m, N] (fp32) = A[m, K] (fp16) @ B[K, N] (fp16), all row-major: the
  * "x @ W" layout of the expert weights. */
-static int gemm_xw(struct rn_engine *e, const kn_half *A, const kn_half *B, float *C, int m,
+static int gemm_xw(cublasHandle_t h, const kn_half *A, const kn_half *B, float *C, int m,
                    int N, int K)
 {
     const float one = 1.f, zero = 0.f;
-    cublasStatus_t st = cublasGemmEx(e->blas, CUBLAS_OP_N, CUBLAS_OP_N, N, m, K, &one, B,
+    cublasStatus_t st = cublasGemmEx(h, CUBLAS_OP_N, CUBLAS_OP_N, N, m, K, &one, B,
                                      CUDA_R_16F, N, A, CUDA_R_16F, K, &zero, C, CUDA_R_32F, N,
                                      CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
     return st == CUBLAS_STATUS_SUCCESS ? 0 : blas_fail(st, "gemm x@W");
@@ -256,27 +256,72 @@ struct pf_ctx {
     const int *off;             /* host offsets [E+1] */
 };
 
-/* One expert's grouped rows: gate_up GEMM, SwiGLU, down GEMM into Y. */
-static int expert_rows(struct rn_engine *e, void *vctx, int x, const kn_half *gu,
-                       const kn_half *dn)
+/* One expert's grouped rows on side stream si: gate_up GEMM, SwiGLU, down
+ * GEMM into its rows of Y. */
+static int expert_rows_on(struct rn_engine *e, int si, cudaStream_t s, const struct pf_ctx *p,
+                          int x, const kn_half *gu, const kn_half *dn)
 {
-    const struct pf_ctx *p = vctx;
     const struct rn_config *c = &e->c;
     const int H = c->hidden, I = c->intermediate;
     const int r0 = p->off[x], m = p->off[x + 1] - r0;
     if (m == 0)
         return 0;
-    TRY(gemm_xw(e, e->Xg + (size_t)r0 * H, gu, e->GU, m, 2 * I, H));
-    TRY(kn_llm_swiglu(e->GU, e->L[p->l].gate_up_b + (size_t)x * 2 * I, m, I, c->swiglu_limit,
-                      c->swiglu_alpha, e->act16, e->st));
-    TRY(gemm_xw(e, e->act16, dn, e->Y + (size_t)r0 * H, m, H, I));
+    cublasHandle_t h = si < 0 ? e->blas : e->pblas[si];
+    const int b = si < 0 ? 0 : si;
+    TRY(gemm_xw(h, e->Xg + (size_t)r0 * H, gu, e->GU[b], m, 2 * I, H));
+    TRY(kn_llm_swiglu(e->GU[b], e->L[p->l].gate_up_b + (size_t)x * 2 * I, m, I, c->swiglu_limit,
+                      c->swiglu_alpha, e->act16[b], s));
+    TRY(gemm_xw(h, e->act16[b], dn, e->Y + (size_t)r0 * H, m, H, I));
+    return 0;
+}
+
+/* The 24 GB mode's callback: on the compute stream, after the slot's copy. */
+static int expert_rows(struct rn_engine *e, void *vctx, int x, const kn_half *gu,
+                       const kn_half *dn)
+{
+    return expert_rows_on(e, -1, e->st, vctx, x, gu, dn);
+}
+
+/* Resident: the layer's experts spread over the side streams, largest
+ * first onto the least loaded stream; the compute stream waits for all. */
+static int experts_resident(struct rn_engine *e, const struct pf_ctx *p)
+{
+    const struct rn_config *c = &e->c;
+    const int E = c->nexperts;
+    const size_t H = (size_t)c->hidden, I = (size_t)c->intermediate;
+    const struct eng_layer *L = &e->L[p->l];
+    CU(cudaEventRecord(e->ev_fork, e->st));
+    for (int i = 0; i < e->npf; i++)
+        CU(cudaStreamWaitEvent(e->pst[i], e->ev_fork, 0));
+    long load[ENG_PF_STREAMS] = {0};
+    bool done[256] = {false};
+    for (int k = 0; k < E; k++) {
+        int x = -1;
+        for (int y = 0; y < E; y++)
+            if (!done[y] && (x < 0 || p->off[y + 1] - p->off[y] > p->off[x + 1] - p->off[x]))
+                x = y;
+        done[x] = true;
+        if (p->off[x + 1] == p->off[x])
+            break;                      /* the rest have no rows */
+        int si = 0;
+        for (int i = 1; i < e->npf; i++)
+            if (load[i] < load[si])
+                si = i;
+        load[si] += p->off[x + 1] - p->off[x];
+        TRY(expert_rows_on(e, si, e->pst[si], p, x, L->gate_up + (size_t)x * H * 2 * I,
+                           L->down + (size_t)x * I * H));
+    }
+    for (int i = 0; i < e->npf; i++) {
+        CU(cudaEventRecord(e->ev_join[i], e->pst[i]));
+        CU(cudaStreamWaitEvent(e->st, e->ev_join[i], 0));
+    }
     return 0;
 }
 
 static int prefill_chunk(struct rn_engine *e, const int32_t *ids, int n, bool want_logits)
 {
     const struct rn_config *c = &e->c;
-    const int H = c->hidden, I = c->intermediate, E = c->nexperts, K = c->topk;
+    const int H = c->hidden, E = c->nexperts, K = c->topk;
     const int Q = c->nheads * c->head_dim, NQKV = Q + 2 * c->nkv * c->head_dim;
     const int pos0 = e->pos;
     cudaStream_t st = e->st;
@@ -310,9 +355,7 @@ static int prefill_chunk(struct rn_engine *e, const int32_t *ids, int n, bool wa
         CU(cudaStreamSynchronize(st));
         struct pf_ctx p = {.l = l, .off = e->h_offsets};
         if (e->resident) {
-            for (int x = 0; x < E; x++)
-                TRY(expert_rows(e, &p, x, L->gate_up + (size_t)x * H * 2 * I,
-                                L->down + (size_t)x * I * H));
+            TRY(experts_resident(e, &p));
         } else {
             TRY(eng_cache_prefill_layer(e, l, e->h_offsets, expert_rows, &p));
         }
@@ -384,8 +427,8 @@ static int engine_init(struct rn_engine *e)
     e->chunk = ctx < 2048 ? ctx : 2048;
     e->nsplit = e->nsm / c->nkv;
     e->nsplit = e->nsplit < 1 ? 1 : e->nsplit > 32 ? 32 : e->nsplit;
-    e->ks_gu = kn_llm_moe_ksplit(c->hidden, 2 * c->intermediate, c->topk, e->nsm);
-    e->ks_dn = kn_llm_moe_ksplit(c->intermediate, c->hidden, c->topk, e->nsm);
+    e->ks_gu = kn_llm_moe_ksplit(c->hidden, 2 * c->intermediate, c->topk, e->nsm, 0);
+    e->ks_dn = kn_llm_moe_ksplit(c->intermediate, c->hidden, c->topk, e->nsm, 1);
 
     e->L = calloc((size_t)c->nlayers, sizeof *e->L);
     if (!e->L)
@@ -403,6 +446,19 @@ static int engine_init(struct rn_engine *e)
         return blas_fail(bs, "set stream");
 
     TRY(eng_plan_and_alloc(e));
+    e->npf = e->resident ? ENG_PF_STREAMS : 1;
+    CU(cudaEventCreateWithFlags(&e->ev_fork, cudaEventDisableTiming));
+    for (int i = 0; i < e->npf; i++) {
+        CU(cudaStreamCreateWithFlags(&e->pst[i], cudaStreamNonBlocking));
+        CU(cudaEventCreateWithFlags(&e->ev_join[i], cudaEventDisableTiming));
+        bs = cublasCreate(&e->pblas[i]);
+        if (bs != CUBLAS_STATUS_SUCCESS) {
+            e->pblas[i] = NULL;
+            return blas_fail(bs, "create");
+        }
+        if ((bs = cublasSetStream(e->pblas[i], e->pst[i])) != CUBLAS_STATUS_SUCCESS)
+            return blas_fail(bs, "set stream");
+    }
     TRY(rope_table(e));
     CU(cudaHostAlloc((void **)&e->h_step, sizeof *e->h_step, cudaHostAllocDefault));
     CU(cudaHostAlloc((void **)&e->h_logits, (size_t)c->vocab * sizeof(float),
@@ -463,6 +519,16 @@ void rn_engine_free(struct rn_engine *e)
     eng_cache_free(e);
     if (e->blas)
         cublasDestroy(e->blas);
+    for (int i = 0; i < ENG_PF_STREAMS; i++) {
+        if (e->pblas[i])
+            cublasDestroy(e->pblas[i]);
+        if (e->pst[i])
+            cudaStreamDestroy(e->pst[i]);
+        if (e->ev_join[i])
+            cudaEventDestroy(e->ev_join[i]);
+    }
+    if (e->ev_fork)
+        cudaEventDestroy(e->ev_fork);
     if (e->ev_route)
         cudaEventDestroy(e->ev_route);
     if (e->st)
@@ -470,10 +536,11 @@ void rn_engine_free(struct rn_engine *e)
     if (e->cst)
         cudaStreamDestroy(e->cst);
     void *pinned[] = {e->h_step, e->h_logits, e->h_tok, e->h_offsets, e->h_x, e->h_ids,
-                      (void *)e->h_wptr, e->h_mirror};
+                      (void *)e->h_wptr};
     for (size_t i = 0; i < sizeof pinned / sizeof *pinned; i++)
         if (pinned[i])
             cudaFreeHost(pinned[i]);
+    eng_host_experts_free(e);
     if (e->pool)
         cudaFree(e->pool);
     free(e->L);

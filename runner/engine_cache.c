@@ -103,6 +103,20 @@ static int fill(struct rn_engine *e, int s, int l, int x)
     return 0;
 }
 
+/* expert_nocache: forget what layer l's slots hold (they are refilled). */
+static void forget_layer(struct rn_engine *e, int l)
+{
+    if (!e->opts.expert_nocache)
+        return;
+    for (int s = 0; s < e->nslots; s++) {
+        struct eng_slot *sl = &e->slots[s];
+        if (sl->layer == l && !sl->pinned) {
+            e->slot_of[(size_t)l * e->c.nexperts + sl->expert] = -1;
+            sl->layer = sl->expert = -1;
+        }
+    }
+}
+
 static void use(struct rn_engine *e, int s)
 {
     e->slots[s].pinned = true;
@@ -119,6 +133,7 @@ int eng_cache_decode_prepare(struct rn_engine *e, int l, struct kn_expert_src *g
     CU(cudaEventRecord(e->ev_route, e->st));
     CU(cudaEventSynchronize(e->ev_route));
     e->tick++;
+    forget_layer(e, l);
     for (int j = 0; j < K; j++) {
         const int x = e->h_ids[j];
         if (x < 0 || x >= c->nexperts) {
@@ -184,6 +199,7 @@ int eng_cache_prefill_layer(struct rn_engine *e, int l, const int *h_offsets, en
         return -ENOMEM;
     int *miss = hit + E, nhit = 0, nmiss = 0, issued = 0, rc = 0;
     e->tick++;
+    forget_layer(e, l);
     for (int x = 0; x < E; x++) {
         if (h_offsets[x + 1] == h_offsets[x])
             continue;

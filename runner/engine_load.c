@@ -21,6 +21,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <unistd.h>
 
 #include "engine_priv.h"
@@ -129,8 +130,10 @@ static void layout(struct rn_engine *e, bool with_experts, bool embed_on_gpu, in
     ALLOC(e->rows_tok, C * K);
     ALLOC(e->row_of, C * K);
     ALLOC(e->Xg, C * K * H);
-    ALLOC(e->GU, C * 2 * I);                   /* one expert at a time: <= C rows */
-    ALLOC(e->act16, C * I);
+    for (int i = 0; i < (with_experts ? ENG_PF_STREAMS : 1); i++) {
+        ALLOC(e->GU[i], C * 2 * I);            /* one expert at a time: <= C rows */
+        ALLOC(e->act16[i], C * I);
+    }
     ALLOC(e->Y, C * K * H);
 }
 
@@ -303,9 +306,12 @@ static int add_item(struct item_list *l, const struct rn_tensor *t, void *dst,
     return 0;
 }
 
-/* Host mirror of the experts (24 GB mode): pinned when the system allows,
- * so copies run at full PCIe speed; else the experts are used from the
- * mmap (F16 files only). */
+/* Host mirror of the experts (24 GB mode): anonymous memory the reader
+ * threads fill in parallel (their page faults run side by side, which
+ * cudaHostAlloc's single-threaded pinning of 38 GB does not: ~18 s on the
+ * H200 machine), page-locked afterwards with cudaHostRegister so slot fills
+ * run at full PCIe speed. Without the memory, the experts are used from the
+ * files' mmap (F16 files only). */
 static int setup_host_experts(struct rn_engine *e, bool *need_mirror_fill)
 {
     const struct rn_config *c = &e->c;
@@ -314,16 +320,16 @@ static int setup_host_experts(struct rn_engine *e, bool *need_mirror_fill)
     for (int l = 0; l < c->nlayers; l++)
         all_f16 &= e->m->layers[l].gate_up.dtype == DQ_F16 && e->m->layers[l].down.dtype == DQ_F16;
     e->h_mirror_bytes = per_layer * (size_t)c->nlayers;
-    cudaError_t ce = cudaHostAlloc(&e->h_mirror, e->h_mirror_bytes, cudaHostAllocDefault);
-    if (ce != cudaSuccess) {
-        cudaGetLastError();
+    void *p = mmap(NULL, e->h_mirror_bytes, PROT_READ | PROT_WRITE,
+                   MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (p == MAP_FAILED) {
         e->h_mirror = NULL;
         if (!all_f16) {
-            dq_log(DQ_LOG_ERROR, ENG_TAG, "cannot pin %.1f GiB of host memory for the experts "
+            dq_log(DQ_LOG_ERROR, ENG_TAG, "cannot map %.1f GiB of host memory for the experts "
                    "and the checkpoint's experts are not F16", gib(e->h_mirror_bytes));
             return -ENOMEM;
         }
-        dq_log(DQ_LOG_WARN, ENG_TAG, "cannot pin %.1f GiB of host memory; expert copies come "
+        dq_log(DQ_LOG_WARN, ENG_TAG, "cannot map %.1f GiB of host memory; expert copies come "
                "from the mapped files (slower)", gib(e->h_mirror_bytes));
         for (int l = 0; l < c->nlayers; l++) {
             e->L[l].h_gate_up = e->m->layers[l].gate_up.data;
@@ -332,6 +338,8 @@ static int setup_host_experts(struct rn_engine *e, bool *need_mirror_fill)
         *need_mirror_fill = false;
         return 0;
     }
+    madvise(p, e->h_mirror_bytes, MADV_HUGEPAGE);   /* fewer faults and pinned pages */
+    e->h_mirror = p;
     const size_t H = (size_t)c->hidden, I = (size_t)c->intermediate, E = (size_t)c->nexperts;
     for (int l = 0; l < c->nlayers; l++) {
         kn_half *base = (kn_half *)((uint8_t *)e->h_mirror + per_layer * (size_t)l);
@@ -340,6 +348,28 @@ static int setup_host_experts(struct rn_engine *e, bool *need_mirror_fill)
     }
     *need_mirror_fill = true;
     return 0;
+}
+
+static void pin_host_experts(struct rn_engine *e)
+{
+    cudaError_t ce = cudaHostRegister(e->h_mirror, e->h_mirror_bytes, cudaHostRegisterDefault);
+    if (ce != cudaSuccess) {
+        cudaGetLastError();
+        dq_log(DQ_LOG_WARN, ENG_TAG, "cannot page-lock the %.1f GiB expert mirror (%s); copies "
+               "from pageable memory are slower", gib(e->h_mirror_bytes), cudaGetErrorString(ce));
+        return;
+    }
+    e->h_mirror_pinned = true;
+}
+
+void eng_host_experts_free(struct rn_engine *e)
+{
+    if (!e->h_mirror)
+        return;
+    if (e->h_mirror_pinned)
+        cudaHostUnregister(e->h_mirror);
+    munmap(e->h_mirror, e->h_mirror_bytes);
+    e->h_mirror = NULL;
 }
 
 int eng_upload(struct rn_engine *e)
@@ -419,6 +449,8 @@ int eng_upload(struct rn_engine *e)
                                  .sink = upl_sink, .ctx = &u};
         rc = rn_read_items(l.it, l.n, &o);
     }
+    if (!rc && mirror)
+        pin_host_experts(e);
     if (!rc && u.sat.count)
         dq_log(DQ_LOG_WARN, ENG_TAG, "%" PRIu64 " weight values did not fit F16 and were "
                "saturated", u.sat.count);

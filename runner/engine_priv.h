@@ -19,6 +19,7 @@
 #include "runner.h"
 
 #define ENG_TAG "engine"
+#define ENG_PF_STREAMS 4
 
 /* A CUDA failure: logged with the call, file and line, then -EIO. */
 int eng_cuda_fail(cudaError_t e, const char *call, const char *file, int line);
@@ -102,8 +103,17 @@ struct rn_engine {
 
     /* prefill workspace */
     int32_t *d_tok, *h_tok;     /* [chunk] */
-    float *X, *hn32, *qkv32, *y32, *GU, *Y, *rw;
-    kn_half *hn16, *q16, *attn16, *Xg, *act16;
+    float *X, *hn32, *qkv32, *y32, *Y, *rw;
+    kn_half *hn16, *q16, *attn16, *Xg;
+    /* Prefill experts run on ENG_PF_STREAMS side streams when resident (one
+     * expert GEMM of ~C*topk/E rows cannot fill the GPU), each with its own
+     * cuBLAS handle and scratch; the 24 GB mode uses index 0 on `st`. */
+    int npf;                    /* side streams in use (1 in the 24 GB mode) */
+    cudaStream_t pst[ENG_PF_STREAMS];
+    cublasHandle_t pblas[ENG_PF_STREAMS];
+    cudaEvent_t ev_fork, ev_join[ENG_PF_STREAMS];
+    float *GU[ENG_PF_STREAMS];          /* device; [chunk, 2I]: one expert's rows */
+    kn_half *act16[ENG_PF_STREAMS];     /* device; [chunk, I] */
     int *rids, *offsets, *rows_tok, *row_of;
     int *h_offsets;             /* pinned [E+1] */
 
@@ -115,8 +125,10 @@ struct rn_engine {
     int *slot_of;               /* [nlayers * E]: slot index or -1 */
     uint64_t tick;
     int cur_slots[32];          /* decode: slots of the layer between prepare and done */
-    void *h_mirror;             /* pinned F16 copy of every expert, or NULL (mmap used) */
+    void *h_mirror;             /* anonymous mapping: F16 copy of every expert, or NULL
+                                 * (the files' mmap is used); owned */
     size_t h_mirror_bytes;
+    bool h_mirror_pinned;       /* registered with CUDA (page-locked) */
     size_t expert_bytes;        /* one expert: gate_up + down, bytes */
 
     int pos;
@@ -127,6 +139,7 @@ struct rn_engine {
 int eng_plan_and_alloc(struct rn_engine *e);
 int eng_upload(struct rn_engine *e);
 void *eng_alloc(struct rn_engine *e, size_t bytes);
+void eng_host_experts_free(struct rn_engine *e);
 
 /* engine_cache.c */
 int eng_cache_init(struct rn_engine *e);

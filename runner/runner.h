@@ -114,6 +114,8 @@ struct rn_engine_opts {
     int expert_slots;         /* tests: force the 24 GB mode with this many expert
                                * slots in the GPU cache; 0 = decide from the budget */
     bool progress;            /* loading progress on stderr even when not a terminal */
+    bool expert_nocache;      /* benchmarks: in the 24 GB mode every expert use is a miss
+                               * (measures the copy path whatever the routing) */
 };
 
 struct rn_engine_stats {

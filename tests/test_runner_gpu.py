@@ -145,17 +145,21 @@ def test_repeated_runs_are_deterministic(gpu, bin_path, model_dir, tmp_path):
     assert np.array_equal(a, b)
 
 
-@pytest.mark.parametrize("slots", [2, 3, 7])
-def test_expert_cache_gives_resident_logits(gpu, bin_path, model_dir, tmp_path, slots):
-    """The 24 GB mode with fewer GPU slots than experts (15): misses are
-    copied from host memory, and the logits are bit-identical to resident."""
+@pytest.mark.parametrize("slots,nocache", [(2, False), (3, False), (7, False), (7, True)])
+def test_expert_cache_gives_resident_logits(gpu, bin_path, model_dir, tmp_path, slots, nocache):
+    """The 24 GB mode with fewer GPU slots than experts (15): one LRU over all
+    layers (2, 3 slots), per-layer shares (7), or every use a miss
+    (--expert-nocache). Misses are copied from host memory, and the logits
+    are bit-identical to resident."""
     ids = prompt(12, seed=21)
     _, want = drive(bin_path, model_dir, ids, tmp_path, "--feed", 5, "--greedy", 16)
     info, rows = drive(bin_path, model_dir, ids, tmp_path, "--feed", 5, "--greedy", 16,
-                       "--expert-slots", slots)
+                       "--expert-slots", slots, *(["--expert-nocache"] if nocache else []))
     s = info["stats"]
     assert s["resident"] is False and s["expert_slots"] == slots
     assert s["expert_misses"] > 0
+    if nocache:
+        assert s["expert_hits"] == 0
     expert_bytes = (64 * 272 + 136 * 64) * 2
     assert s["bytes_moved"] == s["expert_misses"] * expert_bytes
     assert np.array_equal(rows, want)

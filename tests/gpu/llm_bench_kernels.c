@@ -218,8 +218,8 @@ int main(int argc, char **argv)
     x.act = dev_f32((size_t)K * I, 0.1f);
     x.wts = dev_f32(K, 0.25f);
     x.logits = dev_f32(V, 0);
-    x.ks_gu = kn_llm_moe_ksplit(H, 2 * I, K, x.nsm);
-    x.ks_dn = kn_llm_moe_ksplit(I, H, K, x.nsm);
+    x.ks_gu = kn_llm_moe_ksplit(H, 2 * I, K, x.nsm, 0);
+    x.ks_dn = kn_llm_moe_ksplit(I, H, K, x.nsm, 1);
     x.partial = dev_f32(kn_llm_moe_partial_floats(2 * I, K, x.ks_gu) +
                         kn_llm_moe_partial_floats(H, K, x.ks_dn), 0);
     x.nsplit = x.nsm / NKV > 32 ? 32 : x.nsm / NKV;

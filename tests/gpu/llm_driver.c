@@ -8,6 +8,7 @@
  *   llm-driver MODEL --ids "1 2 3" [--feed K | --stepwise] [--greedy N]
  *              [--logits FILE] [--vram-budget SIZE] [--expert-slots N]
  *              [--max-context N] [--no-graphs] [--device D] [--progress]
+ *              [--expert-nocache]
  *   llm-driver MODEL --bench-prefill N [--bench-decode P:G] [--repeat R] [--bandwidth]
  *
  * Logits rows (float32, vocab each): one per forward call (the last
@@ -31,7 +32,7 @@
 struct args {
     const char *model, *ids, *logits;
     int feed, greedy, max_context, expert_slots, device, repeat;
-    bool stepwise, no_graphs, progress, bandwidth;
+    bool stepwise, no_graphs, progress, bandwidth, nocache;
     uint64_t vram_budget;
     int bench_prefill, bench_p, bench_g;
     uint64_t seed;
@@ -365,6 +366,7 @@ int main(int argc, char **argv)
         else if (!strcmp(s, "--max-context")) { NEEDV(); a.max_context = atoi(v); }
         else if (!strcmp(s, "--device")) { NEEDV(); a.device = atoi(v); }
         else if (!strcmp(s, "--no-graphs")) a.no_graphs = true;
+        else if (!strcmp(s, "--expert-nocache")) a.nocache = true;
         else if (!strcmp(s, "--progress")) a.progress = true;
         else if (!strcmp(s, "--bandwidth")) a.bandwidth = true;
         else if (!strcmp(s, "--repeat")) { NEEDV(); a.repeat = atoi(v); }
@@ -393,7 +395,8 @@ int main(int argc, char **argv)
         return 1;
     struct rn_engine_opts eo = {.device = a.device, .vram_budget = a.vram_budget,
                                 .max_context = a.max_context, .no_graphs = a.no_graphs,
-                                .expert_slots = a.expert_slots, .progress = a.progress};
+                                .expert_slots = a.expert_slots, .progress = a.progress,
+                                .expert_nocache = a.nocache};
     struct rn_engine *e;
     double t0 = now_s();
     if (rn_engine_new(m, &eo, &e)) {
