@@ -8,7 +8,7 @@
 #   sh .device/prep.sh && OUT=$OUT FULL=/tmp/full STAGES=resident,budget \
 #       bash tests/gpu/llm_run_gpu.sh
 # TESTS=0 skips the test suite; STAGES= (empty) skips the benchmark; KBENCH=1
-# times each decode kernel alone (llm-bench-kernels) for three expert tiles.
+# times each decode kernel alone (llm-bench-kernels).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-/tmp/bnbfs-engine-out}
@@ -40,11 +40,8 @@ if [ "${TESTS:-1}" = 1 ]; then
 fi
 
 if [ "${KBENCH:-0}" = 1 ]; then
-  for tw in 64 128 256; do
-    BNBFS_MOE_TILE=$tw timeout 120 $b/runner/llm-bench-kernels --pin-gib ${PIN_GIB:-8} \
-      > "$OUT/kbench_$tw.json" 2>&1
-    echo "kernels (moe tile $tw): $(cat "$OUT/kbench_$tw.json")" | cut -c1-1500
-  done
+  timeout 120 $b/runner/llm-bench-kernels --pin-gib ${PIN_GIB:-8} > "$OUT/kbench.json" 2>&1
+  echo "kernels: $(cat "$OUT/kbench.json")" | cut -c1-1500
   echo "kbench: $(el) s"
 fi
 
