@@ -22,7 +22,9 @@
 #include "fuse_ll.h"
 
 struct cli {
-    char *src, *mnt, *path;     /* owned */
+    char *src, *mnt;            /* owned */
+    char **path;                /* --cat PATHs; owned */
+    int npath;
     int mode;                   /* MODE_* */
     bool help, version, bad_opt, user_max_threads;
     uint64_t kernel_ra;         /* -o kernel_readahead=SIZE (bytes; 0 leaves the kernel's) */
@@ -82,7 +84,13 @@ static int opt_proc(void *data, const char *arg, int key, struct fuse_args *out)
     case FUSE_OPT_KEY_NONOPT:
         c->nonopt++;
         if (!c->src) { c->src = strdup(arg); return 0; }
-        if (c->mode == MODE_CAT && !c->path) { c->path = strdup(arg); return 0; }
+        if (c->mode == MODE_CAT) {
+            char **p = realloc(c->path, (size_t)(c->npath + 1) * sizeof *p);
+            if (!p || !(p[c->npath] = strdup(arg))) { c->path = p; c->bad_opt = true; return 0; }
+            c->path = p;
+            c->npath++;
+            return 0;
+        }
         if (!c->mnt) { c->mnt = strdup(arg); return 1; }     /* fuse_parse_cmdline wants it */
         fprintf(stderr, "bnbfs: unexpected argument '%s' (try --help)\n", arg);
         c->bad_opt = true;
@@ -99,7 +107,7 @@ static void usage(FILE *f, const char *prog)
     fprintf(f,
 "usage: %s SRC MNT [-o opt,...] [-f] [-d]\n"
 "       %s --ls SRC [-o dtype=...]        list the tree MNT would show, without mounting\n"
-"       %s --cat SRC PATH [-o opt,...]    write one file of that tree to stdout\n"
+"       %s --cat SRC PATH... [-o opt,...] write files of that tree to stdout\n"
 "\n"
 "Mounts the Unsloth bitsandbytes 4-bit checkpoint directory SRC at MNT as an\n"
 "ordinary Hugging Face checkpoint (config.json, model-0000K-of-0000N.safetensors,\n"
@@ -354,8 +362,8 @@ int main(int argc, char **argv)
         rc = run_mount(&cli, &args);
         goto out;
     }
-    if (!cli.src || (cli.mode == MODE_CAT && !cli.path) || cli.mnt) {
-        fprintf(stderr, "bnbfs: usage: bnbfs --ls SRC | bnbfs --cat SRC PATH (try --help)\n");
+    if (!cli.src || (cli.mode == MODE_CAT && !cli.npath) || cli.mnt) {
+        fprintf(stderr, "bnbfs: usage: bnbfs --ls SRC | bnbfs --cat SRC PATH... (try --help)\n");
         rc = 2;
         goto out;
     }
@@ -366,13 +374,14 @@ int main(int argc, char **argv)
     } else if (fs_core_start(core)) {
         rc = 1;
     } else {
-        rc = cat_file(core, cli.path);
+        for (int i = 0; i < cli.npath && !rc; i++) rc = cat_file(core, cli.path[i]);
     }
     fs_core_close(core);
 out:
     fuse_opt_free_args(&args);
     free(cli.src);
     free(cli.mnt);
+    for (int i = 0; i < cli.npath; i++) free(cli.path[i]);
     free(cli.path);
     return rc;
 }
