@@ -104,7 +104,7 @@ struct rn_hparser {
     const struct rn_harmony *h;     /* borrowed */
     struct rn_hparser_cb cb;
     int state;                      /* private: EXPECT_START, HEADER, CONTENT, DONE */
-    char *next_role;                /* owned; role of a message whose <|start|>ROLE was in the prompt */
+    char *next_role;                /* owned; the role the prompt's <|start|>ROLE gave, or NULL */
     struct rn_buf header;           /* decoded header tokens */
     struct rn_msg cur;              /* the message being read */
     struct rn_buf text;             /* cur's text so far */

@@ -1,10 +1,10 @@
 /* main.c — bnbfs-run: command line front end of the gpt-oss runner.
  *
- * What it is: the dispatcher over the runner's parts — tokenizer tools
- * (--tokenize, --detokenize, --render, --parse-ids: CPU only, need just
- * MODEL/tokenizer.json), --check (model loading, CPU only), and generation
- * (one answer or --chat) on the CUDA engine. What it is not: no model math
- * here; see engine.c and kernels/llm*.cu.
+ * What it is: the dispatcher over the runner's parts — the CPU tools of
+ * cli_tools.c (--tokenize, --detokenize, --render, --parse-ids: need just
+ * MODEL/tokenizer.json; --sample-logits), --check (model loading, CPU only),
+ * and generation (one answer or --chat) on the CUDA engine, which lives
+ * here. What it is not: no model math; see engine.c and kernels/llm*.cu.
  *
  * Build switches (set by runner/meson.build): RN_HAVE_MODEL when model.c
  * (rn_model_*) is part of librn, RN_HAVE_ENGINE when the CUDA engine
@@ -19,19 +19,16 @@
  * non-zero exit: 2 for usage errors, 1 otherwise.
  */
 #include <errno.h>
-#include <stdarg.h>
 #include <stdint.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/random.h>
 #include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
 
-#include <cjson/cJSON.h>
-
+#include "cli.h"
 #include "dequant.h"
 #include "harmony.h"
 #include "opts.h"
@@ -54,19 +51,7 @@
 #define RN_LINE_EDITING "readline"
 #endif
 
-#define TAG "run"
-
-__attribute__((format(printf, 1, 2)))
-static int err1(const char *fmt, ...)
-{
-    char msg[1024];
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(msg, sizeof msg, fmt, ap);
-    va_end(ap);
-    dq_log(DQ_LOG_ERROR, TAG, "%s", msg);
-    return 1;
-}
+#define TAG RN_CLI_TAG
 
 #if RN_HAVE_MODEL
 static double now_s(void)
@@ -76,464 +61,6 @@ static double now_s(void)
     return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
 }
 #endif
-
-/* ------------------------------------------------------------- stdio */
-
-static int read_all(FILE *f, struct rn_buf *b)
-{
-    char chunk[1 << 16];
-    size_t n;
-    while ((n = fread(chunk, 1, sizeof chunk, f)) > 0)
-        if (rn_buf_append(b, chunk, n))
-            return -ENOMEM;
-    return ferror(f) ? -EIO : 0;
-}
-
-/* fwrite that accepts an empty (NULL) buffer. */
-static void put(FILE *f, const void *p, size_t n)
-{
-    if (n)
-        fwrite(p, 1, n, f);
-}
-
-/* Appends ids as decimal numbers separated by spaces (no printf: a
- * megabyte of text is a quarter million ids). */
-static int format_ids(struct rn_buf *b, const int32_t *ids, size_t n)
-{
-    char chunk[4096];
-    size_t k = 0;
-    for (size_t i = 0; i < n; i++) {
-        if (k > sizeof chunk - 16) {
-            if (rn_buf_append(b, chunk, k))
-                return -ENOMEM;
-            k = 0;
-        }
-        if (i)
-            chunk[k++] = ' ';
-        int64_t v = ids[i];
-        if (v < 0) {
-            chunk[k++] = '-';
-            v = -v;
-        }
-        char d[12];
-        int nd = 0;
-        do {
-            d[nd++] = (char)('0' + v % 10);
-            v /= 10;
-        } while (v);
-        while (nd)
-            chunk[k++] = d[--nd];
-    }
-    return rn_buf_append(b, chunk, k);
-}
-
-static int flush_out(FILE *f, const char *what)
-{
-    if (fflush(f) != 0 || ferror(f))
-        return err1("writing %s: %s", what, strerror(errno ? errno : EIO));
-    return 0;
-}
-
-/* ------------------------------------------------------ tokenizer tools */
-
-static int do_tokenize(struct rn_tok *t, const struct rn_opts *o)
-{
-    struct rn_buf in = {0}, out = {0};
-    struct rn_ids ids = {0};
-    int rc = 0;
-    if (read_all(stdin, &in)) {
-        rc = err1("reading stdin: %s", strerror(errno ? errno : EIO));
-        goto done;
-    }
-    size_t pos = 0, rec = 0;
-    do {
-        size_t end = in.n;
-        if (o->nul) {
-            if (pos == in.n)
-                break;              /* no record after a final NUL */
-            const char *z = memchr(in.p + pos, 0, in.n - pos);
-            end = z ? (size_t)(z - in.p) : in.n;
-        }
-        char what[64];
-        snprintf(what, sizeof what, o->nul ? "stdin record %zu" : "stdin", rec);
-        ids.n = 0;
-        if (rn_tok_encode(t, in.p ? in.p + pos : "", end - pos, what, &ids)) {
-            rc = 1;
-            goto done;
-        }
-        out.n = 0;
-        if (format_ids(&out, ids.v, ids.n) || rn_buf_append(&out, "\n", 1)) {
-            rc = err1("out of memory");
-            goto done;
-        }
-        put(stdout, out.p, out.n);
-        pos = end + 1;
-        rec++;
-    } while (o->nul && pos <= in.n);
-    rc = flush_out(stdout, "stdout");
-done:
-    rn_buf_free(&in);
-    rn_buf_free(&out);
-    rn_ids_free(&ids);
-    return rc;
-}
-
-static int do_detokenize(struct rn_tok *t, const struct rn_opts *o)
-{
-    struct rn_buf in = {0}, out = {0};
-    struct rn_ids ids = {0};
-    int rc = 0;
-    if (read_all(stdin, &in)) {
-        rc = err1("reading stdin: %s", strerror(errno ? errno : EIO));
-        goto done;
-    }
-    size_t pos = 0, line = 1;
-    while (pos < in.n || (!o->nul && pos == 0)) {
-        size_t end = in.n;
-        if (o->nul) {
-            const char *nl = memchr(in.p + pos, '\n', in.n - pos);
-            end = nl ? (size_t)(nl - in.p) : in.n;
-        }
-        char err[256];
-        ids.n = 0;
-        if (rn_parse_ids(in.p ? in.p + pos : "", end - pos, &ids, err, sizeof err)) {
-            rc = err1("stdin%s%.0zu: %s", o->nul ? " line " : "", o->nul ? line : 0, err);
-            goto done;
-        }
-        out.n = 0;
-        if (rn_tok_decode(t, ids.v, ids.n, &out)) {
-            rc = 1;
-            goto done;
-        }
-        if (o->nul && rn_buf_append(&out, "", 1)) {
-            rc = err1("out of memory");
-            goto done;
-        }
-        put(stdout, out.p, out.n);
-        pos = end + 1;
-        line++;
-    }
-    rc = flush_out(stdout, "stdout");
-done:
-    rn_buf_free(&in);
-    rn_buf_free(&out);
-    rn_ids_free(&ids);
-    return rc;
-}
-
-/* PROMPT as given, or all of stdin for "-"; NUL-terminated in b. */
-static int prompt_text(const struct rn_opts *o, struct rn_buf *b)
-{
-    if (strcmp(o->prompt, "-") == 0) {
-        if (read_all(stdin, b))
-            return err1("reading the prompt from stdin: %s", strerror(errno ? errno : EIO));
-    } else if (rn_buf_append(b, o->prompt, strlen(o->prompt))) {
-        return err1("out of memory");
-    }
-    if (rn_buf_append(b, "", 1))
-        return err1("out of memory");
-    b->n--;
-    return 0;
-}
-
-/* Reads --conversation: one JSON object per line with "role" and
- * "content" (strings) and optionally "channel", "recipient",
- * "content_type", "name"; lines with "stop" (the last line of --parse-ids)
- * and blank lines are skipped. */
-static int load_conversation(const char *path, struct rn_conv *c)
-{
-    FILE *f = strcmp(path, "-") == 0 ? stdin : fopen(path, "rb");
-    if (!f)
-        return err1("--conversation %s: %s", path, strerror(errno));
-    char *line = NULL;
-    size_t cap = 0, lineno = 0;
-    ssize_t n;
-    int rc = 0;
-    while (!rc && (n = getline(&line, &cap, f)) >= 0) {
-        lineno++;
-        size_t k = 0;
-        while (k < (size_t)n && (line[k] == ' ' || line[k] == '\t' || line[k] == '\n' ||
-                                 line[k] == '\r'))
-            k++;
-        if (k == (size_t)n)
-            continue;
-        cJSON *j = cJSON_ParseWithLength(line, (size_t)n);
-        if (!cJSON_IsObject(j)) {
-            rc = err1("--conversation %s line %zu: not a JSON object", path, lineno);
-        } else if (!cJSON_GetObjectItemCaseSensitive(j, "stop")) {
-            struct rn_msg m = {0};
-            const char *keys[] = {"role", "content", "channel", "recipient", "content_type",
-                                  "name"};
-            char **dst[] = {&m.role, &m.text, &m.channel, &m.recipient, &m.content_type,
-                            &m.name};
-            for (int i = 0; i < 6 && !rc; i++) {
-                cJSON *v = cJSON_GetObjectItemCaseSensitive(j, keys[i]);
-                if (cJSON_IsString(v))
-                    *dst[i] = v->valuestring;
-                else if ((v && !cJSON_IsNull(v)) || i < 2)
-                    rc = err1("--conversation %s line %zu: \"%s\" must be a string", path,
-                              lineno, keys[i]);
-            }
-            if (!rc) {
-                m.len = strlen(m.text);
-                if (rn_utf8_valid_prefix(m.text, m.len) != m.len)
-                    rc = err1("--conversation %s line %zu: content is not valid UTF-8", path,
-                              lineno);
-                else if (rn_conv_add_msg(c, &m))
-                    rc = err1("out of memory");
-            }
-        }
-        cJSON_Delete(j);
-    }
-    free(line);
-    if (!rc && ferror(f))
-        rc = err1("--conversation %s: read error", path);
-    if (f != stdin)
-        fclose(f);
-    return rc;
-}
-
-static int conv_from_opts(const struct rn_opts *o, struct rn_conv *c)
-{
-    rn_conv_init(c);
-    c->effort = o->effort;
-    snprintf(c->date, sizeof c->date, "%s", o->date);
-    if (o->system && !(c->instructions = strdup(o->system)))
-        return err1("out of memory");
-    if (o->conversation)
-        return load_conversation(o->conversation, c);
-    return 0;
-}
-
-/* The chat prompt into ids: --conversation's messages, then PROMPT (if
- * any) as a user message, then <|start|>assistant. */
-static int render_prompt(const struct rn_opts *o, const struct rn_harmony *h, struct rn_ids *ids)
-{
-    struct rn_buf text = {0};
-    struct rn_conv c;
-    int rc = conv_from_opts(o, &c);
-    if (!rc && o->prompt) {
-        rc = prompt_text(o, &text);
-        if (!rc && rn_conv_add(&c, "user", NULL, text.p, text.n))
-            rc = err1("out of memory");
-    }
-    if (!rc && rn_harmony_render(h, &c, ids))
-        rc = 1;                     /* logged by the tokenizer (invalid UTF-8) */
-    rn_buf_free(&text);
-    rn_conv_free(&c);
-    return rc;
-}
-
-static int do_render(const struct rn_opts *o, const struct rn_harmony *h)
-{
-    struct rn_ids ids = {0};
-    struct rn_buf out = {0};
-    int rc = render_prompt(o, h, &ids);
-    if (!rc) {
-        if (format_ids(&out, ids.v, ids.n) || rn_buf_append(&out, "\n", 1))
-            rc = err1("out of memory");
-        else
-            put(stdout, out.p, out.n);
-    }
-    if (!rc)
-        rc = flush_out(stdout, "stdout");
-    rn_ids_free(&ids);
-    rn_buf_free(&out);
-    return rc;
-}
-
-/* JSON string literal of s[0..n) (UTF-8 passes through). */
-static int json_str(struct rn_buf *b, const char *s, size_t n)
-{
-    if (!s)
-        return rn_buf_append(b, "null", 4);
-    int r = rn_buf_append(b, "\"", 1);
-    for (size_t i = 0; i < n && !r; i++) {
-        unsigned char c = (unsigned char)s[i];
-        char esc[8];
-        if (c == '"' || c == '\\') {
-            esc[0] = '\\';
-            esc[1] = (char)c;
-            r = rn_buf_append(b, esc, 2);
-        } else if (c == '\n') {
-            r = rn_buf_append(b, "\\n", 2);
-        } else if (c == '\t') {
-            r = rn_buf_append(b, "\\t", 2);
-        } else if (c == '\r') {
-            r = rn_buf_append(b, "\\r", 2);
-        } else if (c < 0x20) {
-            snprintf(esc, sizeof esc, "\\u%04x", c);
-            r = rn_buf_append(b, esc, 6);
-        } else {
-            r = rn_buf_append(b, &s[i], 1);
-        }
-    }
-    return r ? r : rn_buf_append(b, "\"", 1);
-}
-
-static int json_field(struct rn_buf *b, const char *key, const char *s, size_t n, bool last)
-{
-    char k[64];
-    int kn = snprintf(k, sizeof k, "\"%s\": ", key);
-    int r = rn_buf_append(b, k, (size_t)kn);
-    if (!r)
-        r = json_str(b, s, s ? n : 0);
-    if (!r && !last)
-        r = rn_buf_append(b, ", ", 2);
-    return r;
-}
-
-static int msg_json(struct rn_buf *b, const struct rn_msg *m)
-{
-    int r = rn_buf_append(b, "{", 1);
-#define F(key, s, last) if (!r) r = json_field(b, key, s, (s) ? strlen(s) : 0, last)
-    F("role", m->role, false);
-    if (m->name)
-        F("name", m->name, false);
-    F("channel", m->channel, false);
-    F("recipient", m->recipient, false);
-    F("content_type", m->content_type, false);
-#undef F
-    if (!r)
-        r = json_field(b, "content", m->text, m->len, !m->cut);
-    if (!r && m->cut)
-        r = rn_buf_append(b, "\"truncated\": true", 17);
-    return r ? r : rn_buf_append(b, "}\n", 2);
-}
-
-static int do_parse_ids(const struct rn_harmony *h)
-{
-    struct rn_buf in = {0}, out = {0};
-    struct rn_ids ids = {0};
-    struct rn_hparser p;
-    char err[256];
-    int rc = 0, r = 0;
-    if (rn_hparser_init(&p, h, "assistant", NULL))
-        return err1("out of memory");
-    if (read_all(stdin, &in)) {
-        rc = err1("reading stdin: %s", strerror(errno ? errno : EIO));
-        goto done;
-    }
-    if (rn_parse_ids(in.p ? in.p : "", in.n, &ids, err, sizeof err)) {
-        rc = err1("stdin: %s", err);
-        goto done;
-    }
-    for (size_t i = 0; i < ids.n && r == 0; i++)
-        r = rn_hparser_feed(&p, ids.v[i]);
-    if (r == 1 && p.ntokens < ids.n) {
-        /* ids after <|return|>/<|call|>: the parser reports it */
-        r = rn_hparser_feed(&p, ids.v[p.ntokens]);
-    }
-    if (r >= 0)
-        r = rn_hparser_finish(&p);
-    for (size_t i = 0; i < p.n; i++)
-        if (msg_json(&out, &p.msgs[i])) {
-            rc = err1("out of memory");
-            goto done;
-        }
-    if (r >= 0) {
-        char stop[64];
-        int k = snprintf(stop, sizeof stop, "{\"stop\": \"%s\"}\n", rn_hstop_name(p.stop));
-        if (rn_buf_append(&out, stop, (size_t)k)) {
-            rc = err1("out of memory");
-            goto done;
-        }
-    } else {
-        rc = 1;                     /* the parser logged where */
-    }
-    put(stdout, out.p, out.n);
-    if (flush_out(stdout, "stdout"))
-        rc = 1;
-done:
-    rn_hparser_free(&p);
-    rn_buf_free(&in);
-    rn_buf_free(&out);
-    rn_ids_free(&ids);
-    return rc;
-}
-
-/* ------------------------------------------------------ sample replay */
-
-/* vocab_size from MODEL/config.json (the length of one logits vector). */
-static int model_vocab(const char *model, int *vocab)
-{
-    char path[4096];
-    snprintf(path, sizeof path, "%s/config.json", model);
-    FILE *f = fopen(path, "rb");
-    if (!f)
-        return err1("%s: %s", path, strerror(errno));
-    struct rn_buf b = {0};
-    int rc = read_all(f, &b) ? err1("%s: read error", path) : 0;
-    fclose(f);
-    cJSON *j = rc ? NULL : cJSON_ParseWithLength(b.p ? b.p : "", b.n);
-    const cJSON *v = cJSON_GetObjectItemCaseSensitive(j, "vocab_size");
-    if (!rc && (!cJSON_IsNumber(v) || v->valuedouble < 1 || v->valuedouble > INT32_MAX / 4 ||
-                v->valuedouble != (double)v->valueint))
-        rc = err1("%s: no positive integer \"vocab_size\"", path);
-    if (!rc)
-        *vocab = v->valueint;
-    cJSON_Delete(j);
-    rn_buf_free(&b);
-    return rc;
-}
-
-static uint64_t random_seed(void)
-{
-    uint64_t s;
-    if (getrandom(&s, sizeof s, 0) != sizeof s)
-        s = (uint64_t)time(NULL) ^ ((uint64_t)getpid() << 32);
-    return s;
-}
-
-/* --sample-logits: the sampler over saved logits, one id per step. */
-static int do_sample(const struct rn_opts *o)
-{
-    int vocab = 0;
-    if (model_vocab(o->model, &vocab))
-        return 1;
-    bool std = strcmp(o->sample_path, "-") == 0;
-    FILE *f = std ? stdin : fopen(o->sample_path, "rb");
-    if (!f)
-        return err1("--sample-logits %s: %s", o->sample_path, strerror(errno));
-    struct rn_buf in = {0}, out = {0};
-    struct rn_ids ids = {0};
-    struct rn_sampler *smp = NULL;
-    int rc = read_all(f, &in) ? err1("--sample-logits %s: read error", o->sample_path) : 0;
-    if (!std)
-        fclose(f);
-    size_t step = (size_t)vocab * sizeof(float);
-    if (!rc && in.n % step)
-        rc = err1("--sample-logits %s: %zu bytes is not a whole number of steps of %d float32 "
-                  "logits (vocab_size)", o->sample_path, in.n, vocab);
-    struct rn_sample_opts so = o->sample;
-    so.seed = o->seed_set ? o->sample.seed : random_seed();
-    if (!rc && rn_sampler_new(vocab, &so, &smp))
-        rc = err1("out of memory");
-    float *l = rc ? NULL : malloc(step);
-    if (!rc && !l)
-        rc = err1("out of memory");
-    for (size_t k = 0; !rc && k < in.n / step; k++) {
-        memcpy(l, in.p + k * step, step);       /* the buffer need not be aligned */
-        int32_t id;
-        if (rn_sampler_pick(smp, l, &id))
-            rc = err1("--sample-logits %s: step %zu has no finite logit", o->sample_path, k);
-        else if (rn_ids_push(&ids, id))
-            rc = err1("out of memory");
-    }
-    if (!rc) {
-        if (format_ids(&out, ids.v, ids.n) || rn_buf_append(&out, "\n", 1))
-            rc = err1("out of memory");
-        else
-            put(stdout, out.p, out.n);
-        rc = rc ? rc : flush_out(stdout, "stdout");
-    }
-    free(l);
-    rn_sampler_free(smp);
-    rn_buf_free(&in);
-    rn_buf_free(&out);
-    rn_ids_free(&ids);
-    return rc;
-}
 
 /* ------------------------------------------------------- model check */
 
@@ -561,8 +88,8 @@ static uint64_t model_bytes(const struct rn_model *m)
 static int check_vocab(const struct rn_tok *t, const struct rn_model *m, const char *tokpath)
 {
     if (rn_tok_n_ids(t) > m->cfg.vocab)
-        return err1("%s defines ids up to %d but the model's vocab (embedding rows) is %d",
-                    tokpath, rn_tok_n_ids(t) - 1, m->cfg.vocab);
+        return rn_cli_err("%s defines ids up to %d but the model's vocab (embedding rows) is %d",
+                          tokpath, rn_tok_n_ids(t) - 1, m->cfg.vocab);
     return 0;
 }
 #endif
@@ -591,7 +118,7 @@ static int do_check(const struct rn_opts *o, const struct rn_tok *t, const char 
                c->rope_theta, c->yarn ? " (YaRN)" : "", dq_fmt_size(model_bytes(m), sz, sizeof sz),
                dq_dtype_name(m->embed.dtype), rn_tok_vocab_size(t), rn_tok_merges_count(t),
                t1 - t0);
-        rc = flush_out(stdout, "stdout");
+        rc = rn_cli_flush(stdout, "stdout");
     }
     rn_model_close(m);
     return rc;
@@ -599,7 +126,7 @@ static int do_check(const struct rn_opts *o, const struct rn_tok *t, const char 
     (void)o;
     (void)t;
     (void)tokpath;
-    return err1("this build of bnbfs-run has no model loader (runner/model.c was not built)");
+    return rn_cli_err("this build of bnbfs-run has no model loader (runner/model.c was not built)");
 #endif
 }
 
@@ -736,7 +263,7 @@ static int write_logits(struct gen *g)
     if (!g->logits_f)
         return 0;
     if (fwrite(g->logits, sizeof(float), (size_t)g->vocab, g->logits_f) != (size_t)g->vocab)
-        return err1("--logits %s: %s", g->o->logits_path, strerror(errno ? errno : EIO));
+        return rn_cli_err("--logits %s: %s", g->o->logits_path, strerror(errno ? errno : EIO));
     return 0;
 }
 
@@ -755,14 +282,14 @@ static int run_turn(struct gen *g, const struct rn_ids *prompt, struct rn_hparse
 {
     const struct rn_opts *o = g->o;
     if (prompt->n == 0)
-        return err1("the prompt is empty");
+        return rn_cli_err("the prompt is empty");
     if (prompt->n >= (size_t)g->ctx)
-        return err1("the prompt is %zu tokens but the context holds %d (--max-context %d): "
-                    "shorten it or raise --max-context", prompt->n, g->ctx, g->ctx);
+        return rn_cli_err("the prompt is %zu tokens but the context holds %d (--max-context %d): "
+                          "shorten it or raise --max-context", prompt->n, g->ctx, g->ctx);
     for (size_t i = 0; i < prompt->n; i++)
         if (prompt->v[i] < 0 || prompt->v[i] >= g->vocab)
-            return err1("prompt id %d at position %zu is outside the model's vocab (0..%d)",
-                        prompt->v[i], i, g->vocab - 1);
+            return rn_cli_err("prompt id %d at position %zu is outside the model's vocab (0..%d)",
+                              prompt->v[i], i, g->vocab - 1);
     size_t k = common_prefix(&g->kv, prompt);
     if (k == prompt->n)
         k--;                        /* re-run the last id: its logits are needed */
@@ -774,7 +301,7 @@ static int run_turn(struct gen *g, const struct rn_ids *prompt, struct rn_hparse
     if (rn_engine_forward(g->e, prompt->v + k, (int)(prompt->n - k), g->logits))
         return 1;
     if (rn_ids_append(&g->kv, prompt->v + k, prompt->n - k))
-        return err1("out of memory");
+        return rn_cli_err("out of memory");
     g->raw_u8 = (struct rn_utf8_stream){{0}, 0};
     bool harmony = p != NULL;
     const char *why = NULL;
@@ -793,8 +320,8 @@ static int run_turn(struct gen *g, const struct rn_ids *prompt, struct rn_hparse
         g->t_sample += now_s() - t0;
         g->nsampled++;
         if (r) {
-            rc = err1("step %ld: no finite logit to sample from (the engine produced NaN/inf)",
-                      produced);
+            rc = rn_cli_err("step %ld: no finite logit to sample from (the engine produced "
+                            "NaN/inf)", produced);
             break;
         }
         produced++;
@@ -807,7 +334,7 @@ static int run_turn(struct gen *g, const struct rn_ids *prompt, struct rn_hparse
             if (r == 1)
                 break;              /* <|return|> or <|call|> */
             if (r == -ENOMEM) {
-                rc = err1("out of memory");
+                rc = rn_cli_err("out of memory");
                 break;
             }
             if (r < 0) {
@@ -815,7 +342,7 @@ static int run_turn(struct gen *g, const struct rn_ids *prompt, struct rn_hparse
                        "printing the rest as plain text");
                 harmony = false;
                 if (raw_print(g, id)) {
-                    rc = err1("out of memory");
+                    rc = rn_cli_err("out of memory");
                     break;
                 }
             }
@@ -823,7 +350,7 @@ static int run_turn(struct gen *g, const struct rn_ids *prompt, struct rn_hparse
             if (is_eos(g, id) || (p && (id == g->h->ret || id == g->h->call)))
                 break;
             if (raw_print(g, id)) {
-                rc = err1("out of memory");
+                rc = rn_cli_err("out of memory");
                 break;
             }
         }
@@ -844,13 +371,13 @@ static int run_turn(struct gen *g, const struct rn_ids *prompt, struct rn_hparse
             break;
         }
         if (rn_ids_push(&g->kv, id)) {
-            rc = err1("out of memory");
+            rc = rn_cli_err("out of memory");
             break;
         }
     }
     sigaction(SIGINT, &old, NULL);
     if (p && harmony && rn_hparser_finish(p) == -ENOMEM)
-        rc = err1("out of memory");
+        rc = rn_cli_err("out of memory");
     g->obuf.n = 0;
     if (!rn_utf8_stream_flush(&g->raw_u8, &g->obuf))
         out_write(g, stdout, g->obuf.p, g->obuf.n);
@@ -932,19 +459,19 @@ static int chat_turn(struct gen *g, struct rn_conv *c, const char *text)
     size_t len = strlen(text);
     size_t bad = rn_utf8_valid_prefix(text, len);
     if (bad != len)
-        return err1("your message is not valid UTF-8 (byte %zu); not sent", bad);
+        return rn_cli_err("your message is not valid UTF-8 (byte %zu); not sent", bad);
     size_t mark = c->n;
     struct rn_ids prompt = {0};
     struct rn_hparser p;
     struct rn_hparser_cb cb = {cb_header, cb_text, cb_done, g};
     int rc = 0;
     if (rn_conv_add(c, "user", NULL, text, len) || rn_hparser_init(&p, g->h, "assistant", &cb))
-        return err1("out of memory");
+        return rn_cli_err("out of memory");
     if (rn_harmony_render(g->h, c, &prompt)) {
         rc = 1;
     } else if (prompt.n >= (size_t)g->ctx) {
-        rc = err1("the conversation is %zu tokens but the context holds %d: /reset to start "
-                  "over (or raise --max-context)", prompt.n, g->ctx);
+        rc = rn_cli_err("the conversation is %zu tokens but the context holds %d: /reset to start "
+                        "over (or raise --max-context)", prompt.n, g->ctx);
     } else {
         rc = run_turn(g, &prompt, &p);
     }
@@ -955,7 +482,7 @@ static int chat_turn(struct gen *g, struct rn_conv *c, const char *text)
         /* keep every message; rendering drops finished turns' analysis */
         for (size_t i = 0; i < p.n && !rc; i++)
             if (rn_conv_add_msg(c, &p.msgs[i]))
-                rc = err1("out of memory");
+                rc = rn_cli_err("out of memory");
     }
     rn_hparser_free(&p);
     rn_ids_free(&prompt);
@@ -965,7 +492,7 @@ static int chat_turn(struct gen *g, struct rn_conv *c, const char *text)
 static int chat_loop(struct gen *g)
 {
     struct rn_conv c;
-    if (conv_from_opts(g->o, &c))
+    if (rn_cli_conv_from_opts(g->o, &c))
         return 1;
     bool tty = isatty(0) && isatty(1);
     if (tty)
@@ -974,7 +501,7 @@ static int chat_loop(struct gen *g)
     int rc = 0;
     if (g->o->prompt) {
         struct rn_buf first = {0};
-        rc = prompt_text(g->o, &first);
+        rc = rn_cli_prompt_text(g->o, &first);
         if (!rc)
             chat_turn(g, &c, first.p);
         rn_buf_free(&first);
@@ -1031,13 +558,13 @@ static int gen_main(const struct rn_opts *o, struct rn_tok *t, const struct rn_h
     int limit = cfg->max_position > 0 ? cfg->max_position : INT32_MAX;
     g.ctx = o->max_context ? o->max_context : (limit < 8192 ? limit : 8192);
     if (o->max_context > limit) {
-        rc = err1("--max-context %d is more than the model's max_position_embeddings (%d)",
-                  o->max_context, cfg->max_position);
+        rc = rn_cli_err("--max-context %d is more than the model's max_position_embeddings (%d)",
+                        o->max_context, cfg->max_position);
         goto out;
     }
     if (o->mode == RN_MODE_GENERATE && prompt->n >= (size_t)g.ctx) {
-        rc = err1("the prompt is %zu tokens but the context holds %d (--max-context): shorten "
-                  "it or raise --max-context", prompt->n, g.ctx);
+        rc = rn_cli_err("the prompt is %zu tokens but the context holds %d (--max-context): "
+                        "shorten it or raise --max-context", prompt->n, g.ctx);
         goto out;
     }
     /* With harmony the parser ends the turn at <|return|>/<|call|>, and
@@ -1045,12 +572,12 @@ static int gen_main(const struct rn_opts *o, struct rn_tok *t, const struct rn_h
     for (int i = 0; i < cfg->neos && i < RN_MAX_EOS; i++)
         if (!h || (cfg->eos[i] != h->end && cfg->eos[i] != h->ret && cfg->eos[i] != h->call))
             g.eos[g.neos++] = cfg->eos[i];
-    g.seed = o->seed_set ? o->sample.seed : random_seed();
+    g.seed = o->seed_set ? o->sample.seed : rn_cli_random_seed();
     struct rn_sample_opts so = o->sample;
     so.seed = g.seed;
     if (rn_sampler_new(g.vocab, &so, &g.smp) ||
         !(g.logits = malloc((size_t)g.vocab * sizeof *g.logits))) {
-        rc = err1("out of memory");
+        rc = rn_cli_err("out of memory");
         goto out;
     }
     /* rn_engine_new reads the weights itself, in large parallel chunks with
@@ -1069,7 +596,7 @@ static int gen_main(const struct rn_opts *o, struct rn_tok *t, const struct rn_h
         struct rn_hparser_cb cb = {cb_header, cb_text, cb_done, &g};
         bool harmony = !o->raw;
         if (harmony && rn_hparser_init(&p, h, "assistant", &cb)) {
-            rc = err1("out of memory");
+            rc = rn_cli_err("out of memory");
             goto out;
         }
         rc = run_turn(&g, prompt, harmony ? &p : NULL);
@@ -1077,7 +604,7 @@ static int gen_main(const struct rn_opts *o, struct rn_tok *t, const struct rn_h
             rn_hparser_free(&p);
     }
     if (!rc && g.logits_f && fflush(g.logits_f) != 0)
-        rc = err1("--logits %s: %s", o->logits_path, strerror(errno));
+        rc = rn_cli_err("--logits %s: %s", o->logits_path, strerror(errno));
     if (o->stats)
         print_stats(&g);
 out:
@@ -1092,16 +619,16 @@ static int build_prompt(const struct rn_opts *o, struct rn_tok *t, const struct 
                         struct rn_ids *prompt)
 {
     if (o->have_ids)
-        return rn_ids_append(prompt, o->ids.v, o->ids.n) ? err1("out of memory") : 0;
+        return rn_ids_append(prompt, o->ids.v, o->ids.n) ? rn_cli_err("out of memory") : 0;
     if (o->raw) {
         struct rn_buf text = {0};
-        int rc = prompt_text(o, &text);
+        int rc = rn_cli_prompt_text(o, &text);
         if (!rc && rn_tok_encode(t, text.p, text.n, "PROMPT", prompt))
             rc = 1;
         rn_buf_free(&text);
         return rc;
     }
-    return render_prompt(o, h, prompt);
+    return rn_cli_render_prompt(o, h, prompt);
 }
 
 static int do_generate(const struct rn_opts *o, struct rn_tok *t, const struct rn_harmony *h,
@@ -1115,16 +642,16 @@ static int do_generate(const struct rn_opts *o, struct rn_tok *t, const struct r
         rc = build_prompt(o, t, h, &prompt);
     } else if (o->conversation) {
         struct rn_conv c;
-        rc = conv_from_opts(o, &c);
+        rc = rn_cli_conv_from_opts(o, &c);
         rn_conv_free(&c);
     }
     if (!rc && o->max_context && prompt.n >= (size_t)o->max_context)
-        rc = err1("the prompt is %zu tokens but the context holds %d (--max-context): shorten "
-                  "it or raise --max-context", prompt.n, o->max_context);
+        rc = rn_cli_err("the prompt is %zu tokens but the context holds %d (--max-context): "
+                        "shorten it or raise --max-context", prompt.n, o->max_context);
 #if RN_HAVE_MODEL && RN_HAVE_ENGINE
     FILE *lf = NULL;
     if (!rc && o->logits_path && !(lf = fopen(o->logits_path, "wb")))
-        rc = err1("--logits %s: %s", o->logits_path, strerror(errno));
+        rc = rn_cli_err("--logits %s: %s", o->logits_path, strerror(errno));
     if (!rc)
         rc = gen_main(o, t, h, tokpath, &prompt, lf);   /* closes lf */
     else if (lf)
@@ -1133,14 +660,15 @@ static int do_generate(const struct rn_opts *o, struct rn_tok *t, const struct r
     (void)tokpath;
 #if !BNBFS_HAVE_CUDA
     if (!rc)
-        rc = err1("this build of bnbfs-run has no CUDA (built with -Dcuda=disabled or without "
-                  "nvcc): generation is unavailable; --tokenize, --detokenize, --render, "
-                  "--parse-ids%s work", RN_HAVE_MODEL ? " and --check" : "");
+        rc = rn_cli_err("this build of bnbfs-run has no CUDA (built with -Dcuda=disabled or "
+                        "without nvcc): generation is unavailable; --tokenize, --detokenize, "
+                        "--render, --parse-ids%s work", RN_HAVE_MODEL ? " and --check" : "");
 #else
     if (!rc)
-        rc = err1("this build of bnbfs-run has no %s: generation is unavailable; --tokenize, "
-                  "--detokenize, --render and --parse-ids work",
-                  RN_HAVE_MODEL ? "CUDA engine (runner/engine.c)" : "model loader (runner/model.c)");
+        rc = rn_cli_err("this build of bnbfs-run has no %s: generation is unavailable; --tokenize, "
+                        "--detokenize, --render and --parse-ids work",
+                        RN_HAVE_MODEL ? "CUDA engine (runner/engine.c)"
+                        : "model loader (runner/model.c)");
 #endif
 #endif
     rn_ids_free(&prompt);
@@ -1180,23 +708,23 @@ int main(int argc, char **argv)
     }
     struct stat st;
     if (stat(o.model, &st) < 0) {
-        err1("MODEL %s: %s", o.model, strerror(errno));
+        rn_cli_err("MODEL %s: %s", o.model, strerror(errno));
         rn_opts_free(&o);
         return 1;
     }
     if (!S_ISDIR(st.st_mode)) {
-        err1("MODEL %s: not a directory (expected a gpt-oss model directory)", o.model);
+        rn_cli_err("MODEL %s: not a directory (expected a gpt-oss model directory)", o.model);
         rn_opts_free(&o);
         return 1;
     }
     if (o.mode == RN_MODE_SAMPLE) {         /* needs no tokenizer */
-        int rc = do_sample(&o);
+        int rc = rn_cli_sample(&o);
         rn_opts_free(&o);
         return rc;
     }
     char tokpath[4096];
     if ((size_t)snprintf(tokpath, sizeof tokpath, "%s/tokenizer.json", o.model) >= sizeof tokpath) {
-        err1("MODEL path is too long");
+        rn_cli_err("MODEL path is too long");
         rn_opts_free(&o);
         return 1;
     }
@@ -1204,7 +732,7 @@ int main(int argc, char **argv)
     struct rn_tok *t = NULL;
     struct rn_harmony h;
     if (access(tokpath, F_OK) != 0) {
-        rc = err1("%s: not found (MODEL must hold the model's tokenizer.json)", tokpath);
+        rc = rn_cli_err("%s: not found (MODEL must hold the model's tokenizer.json)", tokpath);
         goto out;
     }
     if (rn_tok_open(tokpath, &t)) {
@@ -1218,10 +746,10 @@ int main(int argc, char **argv)
         goto out;
     }
     switch (o.mode) {
-    case RN_MODE_TOKENIZE: rc = do_tokenize(t, &o); break;
-    case RN_MODE_DETOKENIZE: rc = do_detokenize(t, &o); break;
-    case RN_MODE_RENDER: rc = do_render(&o, &h); break;
-    case RN_MODE_PARSE_IDS: rc = do_parse_ids(&h); break;
+    case RN_MODE_TOKENIZE: rc = rn_cli_tokenize(t, &o); break;
+    case RN_MODE_DETOKENIZE: rc = rn_cli_detokenize(t, &o); break;
+    case RN_MODE_RENDER: rc = rn_cli_render(&o, &h); break;
+    case RN_MODE_PARSE_IDS: rc = rn_cli_parse_ids(&h); break;
     case RN_MODE_CHECK: rc = do_check(&o, t, tokpath); break;
     default: rc = do_generate(&o, t, need_harmony ? &h : NULL, tokpath); break;
     }

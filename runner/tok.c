@@ -632,7 +632,8 @@ static int tok_load(struct rn_tok *t, const cJSON *root)
     if (cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(model, "byte_fallback")))
         return bad(t, "model.byte_fallback is not supported");
     const cJSON *dropout = cJSON_GetObjectItemCaseSensitive(model, "dropout");
-    if (dropout && !cJSON_IsNull(dropout) && !(cJSON_IsNumber(dropout) && dropout->valuedouble == 0))
+    if (dropout && !cJSON_IsNull(dropout) &&
+        !(cJSON_IsNumber(dropout) && dropout->valuedouble == 0))
         return bad(t, "model.dropout is not supported");
     if (!json_is_null_or_missing(model, "continuing_subword_prefix") ||
         !json_is_null_or_missing(model, "end_of_word_suffix"))
@@ -640,7 +641,8 @@ static int tok_load(struct rn_tok *t, const cJSON *root)
     if (!json_is_null_or_missing(root, "normalizer"))
         return bad(t, "normalizer: not supported (expected null)");
     const cJSON *dec = cJSON_GetObjectItemCaseSensitive(root, "decoder");
-    if (dec && !cJSON_IsNull(dec) && (!json_type_str(dec) || strcmp(json_type_str(dec), "ByteLevel")))
+    if (dec && !cJSON_IsNull(dec) &&
+        (!json_type_str(dec) || strcmp(json_type_str(dec), "ByteLevel")))
         return bad(t, "decoder: only ByteLevel is supported");
     t->ignore_merges = cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(model, "ignore_merges"));
 
