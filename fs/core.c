@@ -24,6 +24,7 @@ void fs_opts_init(struct fs_opts *o)
     o->dtype = DQ_F16;
     o->cache_bytes = 2ull << 30;
     o->gpu = FS_GPU_AUTO;
+    o->readahead_bytes = FS_READAHEAD_AUTO;
 }
 
 const char *fs_gpu_name(int gpu, char *buf, size_t len)
@@ -173,7 +174,7 @@ int fs_core_open(const char *src, const struct fs_opts *opts, struct fs_core **o
         err = -EINVAL;
         goto fail;
     }
-    if (c->opts.readahead_bytes) {
+    if (c->opts.readahead_bytes != FS_READAHEAD_AUTO) {
         c->ra_max = c->opts.readahead_bytes;
     } else {
         c->ra_max = 4ull * c->nthreads * c->max_slice;

@@ -44,6 +44,7 @@ extern "C" {
 /* ------------------------------------------------------------- options */
 
 enum { FS_GPU_AUTO = -1, FS_GPU_OFF = -2 };  /* else a CUDA device index */
+#define FS_READAHEAD_AUTO UINT64_MAX
 
 struct fs_opts {
     enum dq_dtype dtype;        /* DQ_F16 (default), DQ_BF16 or DQ_F32 */
@@ -51,7 +52,8 @@ struct fs_opts {
     unsigned threads;           /* CPU compute threads; 0 = all cores */
     int gpu;                    /* FS_GPU_AUTO (default), FS_GPU_OFF or device N */
     uint64_t slice_bytes;       /* 0 = the plan's default (about 2 MiB) */
-    uint64_t readahead_bytes;   /* largest prefetch window per open file; 0 = auto */
+    uint64_t readahead_bytes;   /* largest prefetch window per open file; 0 = none,
+                                   FS_READAHEAD_AUTO (default) = 4 slices per thread */
 };
 
 void fs_opts_init(struct fs_opts *o);

@@ -427,7 +427,9 @@ const struct fuse_lowlevel_ops *fs_fuse_ops(void) { return &ops; }
 void fs_fuse_inval(void *ctx, uint64_t ino)
 {
     struct fs_fuse *f = ctx;
-    if (!f->se) return;
+    /* Once the loop is ending nobody answers the reads whose pages the
+     * kernel would wait for, so skip; the cache dies with the mount. */
+    if (!f->se || fuse_session_exited(f->se)) return;
     int err = fuse_lowlevel_notify_inval_inode(f->se, ino, 0, 0);
     /* -ENOENT: the kernel never looked it up, so it caches nothing. */
     if (err && err != -ENOENT)

@@ -122,7 +122,7 @@ static void usage(FILE *f, const char *prog)
 "    -o gpu=auto|off|N      GPU computation; this build has no GPU engine yet, so\n"
 "                           auto and off both compute on the CPU and N is refused\n"
 "    -o readahead=SIZE      read-ahead window per open file (default: 4 slices per\n"
-"                           thread, 16M..256M)\n"
+"                           thread, 16M..256M; 0 turns read-ahead off)\n"
 "    -o kernel_readahead=SIZE  the kernel's read-ahead for this mount (default 4M;\n"
 "                           needs root, else the kernel's 128K stays; 0: leave it).\n"
 "                           FUSE gets 128K at mount, which caps requests at 128K\n"

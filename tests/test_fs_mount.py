@@ -369,3 +369,24 @@ def test_standard_fuse_options_pass_through(bin_path, tiny, tmp_path):
         assert fields[0] == "fuse.bnbfs" and fields[1] == "mymodel"
         assert {"allow_other", "default_permissions"} <= set(fields[2].split(","))
         assert m.path("tensors", "model.norm.weight").read_bytes()
+
+
+@pytest.mark.parametrize("opt", ["splice_write", "clone_fd", "kernel_readahead=0", "threads=1",
+                                 "readahead=0", "max_threads=2"])
+def test_tuning_options_serve_the_same_bytes(bin_path, tiny, tmp_path, exp, opt):
+    with fh.mounted(bin_path("bnbfs"), tiny / "src", tmp_path / "mnt", opts=[opt]) as m:
+        for s in SHARDS[1:4]:
+            assert m.path(s).read_bytes() == fh.expected_file_bytes(m.path(s), exp), s
+        name = "model.embed_tokens.weight"
+        assert m.path("tensors", name).read_bytes() == exp[name].tobytes()
+        fuse = m.stats()["fuse"]
+        if opt == "splice_write":
+            assert fuse["splice_write"]
+        if opt == "clone_fd":
+            assert fuse["clone_fd"]
+        if opt == "kernel_readahead=0":
+            assert fuse["kernel_readahead_kb"] == 128
+        if opt == "readahead=0":
+            assert m.stats()["cache"]["prefetch_issued"] == 0
+        else:
+            assert m.stats()["cache"]["prefetch_issued"] > 0

@@ -12,6 +12,8 @@ Measured, each with the same parallel reader (preader, 1 MiB preads):
   - bnbfs cold (fresh mount: nothing computed, nothing in the page cache)
     and warm (same mount, second pass: the kernel's page cache), with one
     reader over all shards and with N readers (file k read by thread k % N);
+    cold with N readers again with the kernel's 128 KiB read-ahead, with
+    clone_fd and with splice_write;
   - the FUSE ceiling (a RAM-backed low-level server computing nothing:
     /work/shared/bench/fuse_ceiling.c) with the kernel's default read-ahead
     (128 KiB requests), with 4 MiB read-ahead (1 MiB requests, what bnbfs
@@ -203,7 +205,8 @@ def main():
     ap.add_argument("--regular-dir", type=pathlib.Path, default=ROOT / ".cache",
                     help="where the regular files go (default .cache/, a disk filesystem; "
                          "/dev/shm gives tmpfs)")
-    ap.add_argument("--skip", default="", help="phases to skip: core,ceiling,regular,warm")
+    ap.add_argument("--skip", default="",
+                    help="phases to skip: core,variants,ceiling,regular,warm")
     ap.add_argument("--results", type=pathlib.Path, default=ROOT / "tests" / "bench" / "RESULTS.md")
     ap.add_argument("--json", type=pathlib.Path, help="also write the raw numbers here")
     a = ap.parse_args()
@@ -284,6 +287,18 @@ def main():
                 log(f"bench: bnbfs warm, {nthr} reader(s): {r['gbps']:.2f} GB/s")
             res["stats_" + key] = b.stats()
 
+    # bnbfs variants, cold with N readers: what request size, clone_fd and
+    # splice do to it.
+    if "variants" not in skip:
+        for var, extra in (("kra128k", ["kernel_readahead=0"]), ("clone_fd", ["clone_fd"]),
+                           ("splice", ["splice_write"])):
+            with Bnbfs(exe, a.src, mnt, opts + extra) as b:
+                r = preader(pread_tool, N, [mnt / n for n in names])
+                r["stats"] = summarize_stats(b.stats())
+                res[f"bnbfs_{var}_cold_N"] = r
+                log(f"bench: bnbfs cold, {N} readers, -o {','.join(extra)}: {r['gbps']:.2f} GB/s "
+                    f"({r['stats']})")
+
     # The FUSE ceiling.
     if "ceiling" not in skip:
         nfiles = max(len(names), N)
@@ -358,6 +373,11 @@ def render(res, N):
         ("bnbfs cold: fresh mount, CPU compute", "bnbfs_cold_1", "bnbfs_cold_N",
          f"{t} threads; 1 reader: {res.get('bnbfs_cold_1', {}).get('stats', '')}"),
         ("bnbfs warm: second pass, kernel page cache", "bnbfs_warm_1", "bnbfs_warm_N", ""),
+        ("bnbfs cold, -o kernel_readahead=0 (kernel's 128 KiB)", None, "bnbfs_kra128k_cold_N",
+         res.get("bnbfs_kra128k_cold_N", {}).get("stats", "")),
+        ("bnbfs cold, -o clone_fd", None, "bnbfs_clone_fd_cold_N", ""),
+        ("bnbfs cold, -o splice_write", None, "bnbfs_splice_cold_N",
+         "libfuse writes memory buffers into a pipe first: one more copy"),
         ("bnbfs core without FUSE (`bnbfs --cat`)", "core_1", None,
          "compute + one copy to a buffer, no FUSE"),
         ("FUSE ceiling cold, kernel read-ahead 128 KiB", "ceiling_ra128k_cold_1",
