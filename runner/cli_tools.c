@@ -394,7 +394,8 @@ int rn_cli_parse_ids(const struct rn_harmony *h)
             goto done;
         }
     } else {
-        rc = 1;                     /* the parser logged where */
+        rc = r == -EBADMSG ? rn_cli_err("stdin: not harmony: %s", p.err)
+                           : rn_cli_err("out of memory");
     }
     rn_cli_put(stdout, out.p, out.n);
     if (rn_cli_flush(stdout, "stdout"))

@@ -342,14 +342,14 @@ void rn_hparser_free(struct rn_hparser *p)
 }
 
 __attribute__((format(printf, 2, 3)))
-static int malformed(const struct rn_hparser *p, const char *fmt, ...)
+static int malformed(struct rn_hparser *p, const char *fmt, ...)
 {
-    char msg[400];
+    char msg[256];
     va_list ap;
     va_start(ap, fmt);
     vsnprintf(msg, sizeof msg, fmt, ap);
     va_end(ap);
-    dq_log(DQ_LOG_ERROR, TAG, "generated token %zu: %s", p->ntokens, msg);
+    snprintf(p->err, sizeof p->err, "generated token %zu: %s", p->ntokens, msg);
     return -EBADMSG;
 }
 

@@ -113,6 +113,7 @@ struct rn_hparser {
     size_t n, cap;
     enum rn_hstop stop;
     size_t ntokens;                 /* ids fed so far */
+    char err[320];                  /* why the last feed returned -EBADMSG */
 };
 
 /* role: the role already given by the prompt ("assistant" after
@@ -122,9 +123,10 @@ int rn_hparser_init(struct rn_hparser *p, const struct rn_harmony *h, const char
                     const struct rn_hparser_cb *cb);
 void rn_hparser_free(struct rn_hparser *p);
 /* Feeds one id. Returns 0 to continue, 1 when the turn ended (p->stop is
- * RETURN or CALL), -EBADMSG (logged with the token position) when the ids
- * are not harmony (a token other than <|start|> between messages, an
- * unparsable header, anything after the turn ended), -ENOMEM. */
+ * RETURN or CALL), -EBADMSG when the ids are not harmony (a token other than
+ * <|start|> between messages, an unparsable header, anything after the turn
+ * ended): nothing is logged, p->err says why and where, for the caller to
+ * report as an error (--parse-ids) or a warning (generation). -ENOMEM. */
 int rn_hparser_feed(struct rn_hparser *p, int32_t id);
 /* End of ids: a message cut off in its content is kept (done callback with
  * end_id -1) and stop becomes TRUNCATED unless the turn had ended. */

@@ -338,9 +338,11 @@ static int run_turn(struct gen *g, const struct rn_ids *prompt, struct rn_hparse
                 break;
             }
             if (r < 0) {
-                dq_log(DQ_LOG_WARN, TAG, "the model's output is not in the harmony format; "
-                       "printing the rest as plain text");
+                dq_log(DQ_LOG_WARN, TAG, "the model's output is not in the harmony format "
+                       "(%s); printing the rest as plain text", p->err);
                 harmony = false;
+                if (id == g->h->ret || id == g->h->call)
+                    break;          /* it still ended the turn */
                 if (raw_print(g, id)) {
                     rc = rn_cli_err("out of memory");
                     break;

@@ -6,11 +6,11 @@ build without CUDA says so in one line (the GPU path itself is tested by
 tests/test_runner_gpu.py on the GPU machine)."""
 import json
 import os
-import shutil
 import subprocess
 
+import numpy as np
+
 import pytest
-from safetensors.numpy import load_file, save_file
 
 from conftest import gpu_present, tokenizer_dir
 
@@ -163,15 +163,15 @@ def test_bad_prompt_is_refused_before_loading(exe, tokdir):
 
 
 @pytest.fixture(scope="module")
-def tiny_model(tiny, tmp_path_factory, tokdir):
-    """An HF-canonical model directory from the tiny fixture."""
+def tiny_model(tiny, tmp_path_factory):
+    """The tiny fixture as an HF-canonical model directory (its expected/
+    F16 weights and config, the source's tokenizer and generation config)."""
     d = tmp_path_factory.mktemp("tiny_model")
-    t = load_file(str(tiny / "expected" / "model.safetensors"))
-    save_file(t, str(d / "model.safetensors"), metadata={"format": "pt"})
-    cfg = json.loads((tiny / "expected" / "config.json").read_text())
-    (d / "config.json").write_text(json.dumps(cfg))
-    for f in os.listdir(tokdir):
-        shutil.copy(tokdir / f, d / f)
+    os.symlink(tiny / "expected" / "model.safetensors", d / "model.safetensors")
+    os.symlink(tiny / "expected" / "config.json", d / "config.json")
+    for f in ("generation_config.json", "tokenizer.json", "tokenizer_config.json",
+              "special_tokens_map.json"):
+        os.symlink(tiny / "src" / f, d / f)
     return d
 
 
@@ -189,7 +189,7 @@ def test_missing_weights_are_one_clear_error(exe, tiny_model, tmp_path):
     d.mkdir()
     for f in os.listdir(tiny_model):
         if f != "model.safetensors":
-            shutil.copy(tiny_model / f, d / f)
+            os.symlink(os.readlink(tiny_model / f), d / f)
     r = run(exe, d, "Hello", "--max-tokens", "1")
     assert r.returncode == 1
     line = one_error(r)
@@ -221,8 +221,6 @@ def test_chat_reads_stdin_lines_and_fails_cleanly_without_gpu(exe, tiny_model):
 # that specification with numpy float32/float64 arithmetic (IEEE, no FMA) so
 # the picks must agree id for id, and the statistics are checked against an
 # independent float64 softmax.
-
-import numpy as np  # noqa: E402
 
 M64 = (1 << 64) - 1
 
@@ -464,3 +462,75 @@ def test_sample_logits_file_errors(exe, sample_model, tmp_path):
     r = run(exe, tmp_path, "--sample-logits", m / "short.bin")
     assert r.returncode == 1
     one_error(r, "config.json")
+
+
+# ------------------------------------------------------------- on a GPU
+# Generation end to end on the tiny fixture (random weights: the output is
+# no harmony, so these also exercise the plain-text fallback). Skipped
+# without a GPU; run on the GPU machine.
+
+V = 201088
+
+
+def logit_rows(path):
+    return np.fromfile(path, dtype=np.float32).reshape(-1, V)
+
+
+def test_gpu_chat_second_turn_equals_a_fresh_prompt(gpu, exe, tiny_model, tmp_path):
+    """Turn 2 of --chat re-runs only what changed in the KV cache; its first
+    logits equal a fresh run on the same rendered prompt."""
+    one, two = tmp_path / "one.f32", tmp_path / "two.f32"
+    args = ["--chat", "--temperature", "0", "--max-tokens", "3"]
+    r1 = run(exe, tiny_model, *args, "--logits", one, stdin=b"Hello\n")
+    assert r1.returncode == 0, r1.stderr.decode()
+    r2 = run(exe, tiny_model, *args, "--logits", two, stdin=b"Hello\nAnd again?\n")
+    assert r2.returncode == 0, r2.stderr.decode()
+    n1 = logit_rows(one).shape[0]
+    rows = logit_rows(two)
+    assert np.array_equal(rows[:n1], logit_rows(one))
+    assert rows.shape[0] > n1
+    # three random tokens make no complete harmony message, so the history
+    # is the two user messages
+    conv = tmp_path / "conv.jsonl"
+    conv.write_text(json.dumps({"role": "user", "content": "Hello"}) + "\n")
+    ids = run(exe, tiny_model, "--render", "--conversation", conv, "And again?").stdout.decode()
+    fresh = tmp_path / "fresh.f32"
+    r3 = run(exe, tiny_model, "--ids", ids, "--temperature", "0", "--max-tokens", "1",
+             "--logits", fresh)
+    assert r3.returncode == 0, r3.stderr.decode()
+    a, b = rows[n1].astype(np.float64), logit_rows(fresh)[0].astype(np.float64)
+    assert np.abs(a - b).max() / np.abs(b).max() < 1e-2
+    assert int(np.argmax(a)) == int(np.argmax(b))
+
+
+def test_gpu_seeded_sampling_is_reproducible(gpu, exe, tiny_model, tmp_path):
+    outs = []
+    for k in range(2):
+        f = tmp_path / f"s{k}.f32"
+        r = run(exe, tiny_model, "--raw", "Once upon a time", "--seed", 11, "--top-k", 50,
+                "--temperature", 1.2, "--max-tokens", 12, "--logits", f)
+        assert r.returncode == 0, r.stderr.decode()
+        outs.append((r.stdout, logit_rows(f)))
+    assert outs[0][0] == outs[1][0] and np.array_equal(outs[0][1], outs[1][1])
+
+
+def test_gpu_full_context_stops_cleanly(gpu, exe, tiny_model, tmp_path):
+    f = tmp_path / "c.f32"
+    ids = " ".join(str(i) for i in range(1000, 1015))      # 15 ids
+    r = run(exe, tiny_model, "--ids", ids, "--raw", "--temperature", 0, "--max-context", 20,
+            "--logits", f)
+    assert r.returncode == 0, r.stderr.decode()
+    n = logit_rows(f).shape[0]
+    assert n <= 6
+    if n == 6:
+        assert "context full" in r.stderr.decode()
+
+
+def test_gpu_harmony_generation_with_stats(gpu, exe, tiny_model):
+    r = run(exe, tiny_model, "Hello", "--show-reasoning", "--max-tokens", 8, "--seed", 1,
+            "--stats", "--reasoning", "low", "--date", "2025-01-31")
+    assert r.returncode == 0, r.stderr.decode()
+    err = r.stderr.decode()
+    for key in ("load", "prefill", "decode", "sampling", "seed 1"):
+        assert key in err
+    assert " error:" not in err
