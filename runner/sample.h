@@ -10,13 +10,22 @@
  * exactly one number.
  *
  * Candidates: every token with a finite logit, or with top-k the k largest
- * logits (ties keep the lower id). Weights w_i = exp((l_i - max) / T) in
- * float (a fixed polynomial, relative error < 3e-7), summed in double.
+ * logits (ties keep the lower id). Weights w_i = exp(max(-87, (l_i - max) *
+ * (float)(1/T))) in float (Cephes' polynomial, relative error < 1e-7),
+ * summed in double. Sums, in this order:
+ *  - top-k: sequentially in ascending id;
+ *  - whole vocab: per block of 64 ids, eight double lanes (lane j adds ids
+ *    j, j+8, ...; lanes combined as ((0+1)+(2+3))+((4+5)+(6+7))), then the
+ *    block sums sequentially.
  * Top-p then keeps the shortest prefix of the candidates sorted by weight
- * (descending; ties by lower id) whose weight reaches top_p of the total.
- * The draw u * total walks the kept candidates in that order (ascending id
- * when top-p is off) and picks where the running sum passes it.
- * Non-finite logits (NaN, +-inf) are never picked.
+ * (descending; ties by lower id) whose sequential sum reaches top_p of the
+ * total (the whole vocab is first filtered to w >= 0.5 (1 - top_p) total /
+ * vocab, which cannot drop a nucleus member). The draw u * total walks the
+ * kept candidates in that order and picks the first whose running sum
+ * exceeds it; with top-p off and the whole vocab, it first skips whole
+ * blocks by their sums. Non-finite logits (NaN, +-inf) are never picked.
+ * tests/test_runner_cli.py re-implements this and checks it id for id.
+ */
  */
 #ifndef BNBFS_RN_SAMPLE_H
 #define BNBFS_RN_SAMPLE_H
