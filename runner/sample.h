@@ -26,7 +26,6 @@
  * blocks by their sums. Non-finite logits (NaN, +-inf) are never picked.
  * tests/test_runner_cli.py re-implements this and checks it id for id.
  */
- */
 #ifndef BNBFS_RN_SAMPLE_H
 #define BNBFS_RN_SAMPLE_H
 
