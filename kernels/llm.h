@@ -83,6 +83,14 @@ int kn_llm_route_decode(const float *x, const float *norm_w, float eps, const kn
                         const float *br, int H, int E, int topk, float *hn, int *ids, float *w,
                         cudaStream_t s);
 
+/* kn_llm_gemv(Wo, bo, H, Q, attn, NULL, 0, 1, x) followed by
+ * kn_llm_route_decode(x, norm_w, ...), fused: the last block of the o_proj
+ * GEMV routes. counter: one device int. */
+int kn_llm_oproj_route(const kn_half *Wo, const float *bo, int H, int Q, const float *attn,
+                       float *x, const float *norm_w, float eps, const kn_half *Wr,
+                       const float *br, int E, int topk, float *hn, int *ids, float *w,
+                       int *counter, cudaStream_t s);
+
 /* Expert weights of the chosen experts: slot j uses ptrs[j] when ptrs is
  * non-NULL (the 24 GB mode's cache slots, device array), else
  * base + ids[j] * per-expert stride. */

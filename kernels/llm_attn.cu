@@ -51,42 +51,35 @@ __global__ void attn_decode_kernel(const float *__restrict__ q, const __half *__
     const __half *vb = vc + (size_t)kvh * g.max_ctx * hd;
     float m = -INFINITY, l = 0.f;
     int p = p0;
-    /* KB keys per round: KB independent loads and reductions in flight. */
-    constexpr int KB = 8;
-    for (; p + KB - 1 < p1; p += KB) {
-        float s[KB];
+    /* Four keys per round: four independent reductions in flight (eight
+     * measured slower on an H200: 14.6 vs 11.6 us at 256 positions). */
+    for (; p + 3 < p1; p += 4) {
+        float s[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
-        for (int u = 0; u < KB; u++) {
-            s[u] = 0.f;
+        for (int u = 0; u < 4; u++)
 #pragma unroll
             for (int j = 0; j < DEC_MAX_DPL; j++) {
                 const int d = lane + 32 * j;
                 if (d < hd)
                     s[u] = fmaf(qv[j], __half2float(kb[(size_t)(p + u) * hd + d]), s[u]);
             }
-        }
 #pragma unroll
-        for (int u = 0; u < KB; u++)
+        for (int u = 0; u < 4; u++)
             s[u] = warp_sum(s[u]);
-        float mn = m;
-#pragma unroll
-        for (int u = 0; u < KB; u++)
-            mn = fmaxf(mn, s[u]);
+        const float mn = fmaxf(m, fmaxf(fmaxf(s[0], s[1]), fmaxf(s[2], s[3])));
         const float corr = __expf(m - mn);
-        float e[KB], esum = 0.f;
+        float e[4];
 #pragma unroll
-        for (int u = 0; u < KB; u++) {
+        for (int u = 0; u < 4; u++)
             e[u] = __expf(s[u] - mn);
-            esum += e[u];
-        }
-        l = l * corr + esum;
+        l = l * corr + ((e[0] + e[1]) + (e[2] + e[3]));
 #pragma unroll
         for (int j = 0; j < DEC_MAX_DPL; j++) {
             const int d = lane + 32 * j;
             if (d < hd) {
                 float a = acc[j] * corr;
 #pragma unroll
-                for (int u = 0; u < KB; u++)
+                for (int u = 0; u < 4; u++)
                     a = fmaf(e[u], __half2float(vb[(size_t)(p + u) * hd + d]), a);
                 acc[j] = a;
             }

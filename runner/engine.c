@@ -1,7 +1,7 @@
 /* engine.c — the gpt-oss forward pass on the GPU: rn_engine_* of runner.h.
  *
  * Decode (one token): fused memory-bound kernels from kernels/llm*.cu,
- * seven launches per layer, all reading the token id and position from
+ * five launches per layer, all reading the token id and position from
  * device memory, so the resident step is captured once as a CUDA graph and
  * replayed. Prefill (n tokens, in chunks): cuBLAS GEMMs (fp16 in, fp32 out)
  * for the projections and for each expert's grouped tokens, tensor-core
@@ -186,9 +186,8 @@ static int decode_body(struct rn_engine *e)
                               e->d_step, e->q, L->kc, L->vc, st));
         TRY(kn_llm_attn_decode(e->q, L->kc, L->vc, L->sinks, &g, e->d_step, e->nsplit,
                                e->attn_partial, e->attn_counters, e->attn, st));
-        TRY(kn_llm_gemv(L->wo, L->bo, H, Q, e->attn, NULL, 0.f, 1, e->x, st));
-        TRY(kn_llm_route_decode(e->x, L->mlp_norm, c->rms_eps, L->wr, L->br, H, E, K, e->hn,
-                                e->ids, e->wts, st));
+        TRY(kn_llm_oproj_route(L->wo, L->bo, H, Q, e->attn, e->x, L->mlp_norm, c->rms_eps,
+                               L->wr, L->br, E, K, e->hn, e->ids, e->wts, e->or_counter, st));
         struct kn_expert_src gu = {L->gate_up, NULL}, dn = {L->down, NULL};
         if (!e->resident)
             TRY(eng_cache_decode_prepare(e, l, &gu, &dn));
@@ -594,6 +593,8 @@ int rn_engine_forward(struct rn_engine *e, const int32_t *ids, int n, float *log
 }
 
 int rn_engine_pos(const struct rn_engine *e) { return e->pos; }
+
+const float *rn_engine_last_logits(const struct rn_engine *e) { return e->h_logits; }
 
 int rn_engine_truncate(struct rn_engine *e, int pos)
 {

@@ -114,6 +114,7 @@ static void layout(struct rn_engine *e, bool with_experts, bool embed_on_gpu, in
     ALLOC(e->attn_counters, (size_t)c->nkv);
     ALLOC(e->gu_counters, kn_llm_moe_counters(2 * c->intermediate));
     ALLOC(e->dn_counters, kn_llm_moe_counters(c->hidden));
+    ALLOC(e->or_counter, 1);
     ALLOC(e->d_wptr, (size_t)c->nlayers * 2 * K);
     /* prefill */
     ALLOC(e->d_tok, C);

@@ -92,7 +92,7 @@ struct rn_engine {
     float *x, *q, *attn, *hn, *act, *wts, *hfin, *logits;
     int *ids;                   /* [topk] */
     float *attn_partial, *moe_partial;
-    int *attn_counters, *gu_counters, *dn_counters;
+    int *attn_counters, *gu_counters, *dn_counters, *or_counter;
     int nsplit, ks_gu, ks_dn;
     float *h_logits;            /* pinned [V] */
     float *h_x;                 /* pinned [chunk, H]: embedding rows from the host */

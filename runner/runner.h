@@ -136,9 +136,14 @@ struct rn_engine;
 int rn_engine_new(const struct rn_model *m, const struct rn_engine_opts *o, struct rn_engine **out);
 void rn_engine_free(struct rn_engine *e);
 /* Runs ids[0..n) at positions pos()..pos()+n, appending to the KV cache, and
- * writes the fp32 logits of the last position to logits[vocab]. */
+ * writes the fp32 logits of the last position to logits[vocab] (when not
+ * NULL; see rn_engine_last_logits). */
 int rn_engine_forward(struct rn_engine *e, const int32_t *ids, int n, float *logits);
 int rn_engine_pos(const struct rn_engine *e);
+/* The fp32 logits [vocab] of the last forward (pinned host memory owned by
+ * the engine, valid until the next forward): lets a caller that passed
+ * logits == NULL to rn_engine_forward skip a copy. */
+const float *rn_engine_last_logits(const struct rn_engine *e);
 /* Forget KV positions >= pos (to re-run a changed tail of a chat). */
 int rn_engine_truncate(struct rn_engine *e, int pos);
 void rn_engine_get_stats(const struct rn_engine *e, struct rn_engine_stats *s);

@@ -165,16 +165,24 @@ def test_expert_cache_gives_resident_logits(gpu, bin_path, model_dir, tmp_path, 
     assert np.array_equal(rows, want)
 
 
+def offload_base(resident_info):
+    """Device bytes of the 24 GB mode without slots, from a resident run's:
+    mirrors runner/engine_load.c's layout. Resident, it also holds the
+    embedding (read from the host in the 24 GB mode), the 3 layers' stacked
+    experts, and 3 more prefill expert streams' scratch (2048 rows of 2I
+    fp32 and I fp16 each). A change there shows here as a wrong slot count."""
+    embed = V * 64 * 2
+    experts = 3 * 5 * (64 * 272 + 136 * 64) * 2
+    side = 3 * (2048 * 272 * 4 + 2048 * 136 * 2)
+    return resident_info["stats"]["vram_bytes"] - embed - experts - side
+
+
 def test_vram_budget_selects_the_expert_cache(gpu, bin_path, model_dir, tmp_path):
     """--vram-budget just above what everything but the experts needs: the
     engine caches experts (4 slots here) and computes the same logits."""
     ids = prompt(9, seed=4)
     res, want = drive(bin_path, model_dir, ids, tmp_path, "--greedy", 10)
-    # What the resident layout holds beyond the 24 GB mode's: the embedding
-    # (read from the host there) and the 3 layers' stacked experts.
-    embed = V * 64 * 2
-    experts = 3 * 5 * (64 * 272 + 136 * 64) * 2
-    budget = (512 << 20) + res["stats"]["vram_bytes"] - embed - experts + 4 * 52224 + 1000
+    budget = (512 << 20) + offload_base(res) + 4 * 52224 + 1000
     info, rows = drive(bin_path, model_dir, ids, tmp_path, "--greedy", 10,
                        "--vram-budget", budget)
     assert info["stats"]["resident"] is False
@@ -207,9 +215,7 @@ def test_bnbfs_run_logits_and_budget(gpu, bin_path, model_dir, ref, tmp_path):
     info, drv = drive(bin_path, model_dir, ids, tmp_path, "--greedy", 6)
     k = min(rows.shape[0], drv.shape[0])
     assert np.array_equal(rows[:k], drv[:k])
-    embed = V * 64 * 2
-    experts = 3 * 5 * (64 * 272 + 136 * 64) * 2
-    budget = (512 << 20) + info["stats"]["vram_bytes"] - embed - experts + 3 * 52224 + 1000
+    budget = (512 << 20) + offload_base(info) + 3 * 52224 + 1000
     rows_b, err = run("--vram-budget", str(budget))
     assert np.array_equal(rows, rows_b)
 

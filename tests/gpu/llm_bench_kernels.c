@@ -133,6 +133,13 @@ static int k_route(void *v, int c)
     return kn_llm_route_decode(x->x, x->norm, 1e-5f, x->wr[c], x->br, H, E, K, x->hn, x->ids,
                                x->wts, x->s);
 }
+static int k_oroute(void *v, int c)
+{
+    struct ctx *x = v;
+    return kn_llm_oproj_route(x->wo[c], x->bo, H, NH * HD, x->attn, x->x, x->norm, 1e-5f,
+                              x->wr[c], x->br, E, K, x->hn, x->ids, x->wts, x->counters + 200,
+                              x->s);
+}
 static int k_gu(void *v, int c)
 {
     struct ctx *x = v;
@@ -266,6 +273,7 @@ int main(int argc, char **argv)
         {"qkv_decode", k_qkv, NCOPY, (double)QKV * H * 2},
         {"o_proj", k_o, NCOPY, (double)H * NH * HD * 2},
         {"route", k_route, NCOPY, (double)E * H * 2},
+        {"oproj_route", k_oroute, NCOPY, (double)H * NH * HD * 2 + (double)E * H * 2},
         {"gate_up_4", k_gu, 2, 4.0 * H * 2 * I * 2},
         {"down_4", k_dn, 2, 4.0 * I * H * 2},
         {"lm_head", k_lm, 1, (double)V * H * 2},
@@ -277,7 +285,9 @@ int main(int argc, char **argv)
         double t = time_kernel(ks[i].fn, &x, ks[i].ncopy, x.s);
         printf("%s\"%s\": {\"us\": %.2f, \"GBps\": %.1f}", i ? ", " : "", ks[i].name, t * 1e6,
                ks[i].bytes / t / 1e9);
-        if (i < 5)
+        if (i >= 3 && i < 6)        /* oproj_route, gate_up, down; qkv below */
+            sum += t;
+        if (i == 0)
             sum += t;
     }
     st.pos = 8191;

@@ -310,12 +310,14 @@ static int run_bench(const struct args *a, struct rn_model *m, struct rn_engine 
         struct rn_engine_stats s0 = {0}, s1 = {0};
         for (int r = -1; r < R && !rc; r++) {
             rn_engine_truncate(e, 0);
-            rc = rn_engine_forward(e, ids, a->bench_p, lg) ? 1 : 0;
+            rc = rn_engine_forward(e, ids, a->bench_p, NULL) ? 1 : 0;
             rn_engine_get_stats(e, &s0);
             double t0 = now_s();
+            /* Greedy on the engine's pinned logits (no copy), as a sampler
+             * reading rn_engine_last_logits would. */
             for (int g = 0; g < a->bench_g && !rc; g++) {
-                int32_t tok = argmax(lg, V);
-                rc = rn_engine_forward(e, &tok, 1, lg) ? 1 : 0;
+                int32_t tok = argmax(rn_engine_last_logits(e), V);
+                rc = rn_engine_forward(e, &tok, 1, NULL) ? 1 : 0;
             }
             if (r >= 0)
                 t[r] = now_s() - t0;
