@@ -170,8 +170,9 @@ int kn_llm_gather_rows(const kn_half *src, const int *rows, int m, int H, kn_hal
                        cudaStream_t s);
 
 /* act[r, i] = SwiGLU(gu[r] + b) for rows r < m of one expert:
- * gu [m, 2I] fp32, b [2I], act [m, I] fp16. */
-int kn_llm_swiglu(const float *gu, const float *b, int m, int I, float limit, float alpha,
+ * gu [m, 2I] fp16 (GEMM output, fp32-accumulated), b [2I] fp32, act [m, I]
+ * fp16. */
+int kn_llm_swiglu(const kn_half *gu, const float *b, int m, int I, float limit, float alpha,
                   kn_half *act, cudaStream_t s);
 
 /* x[t] += sum_j w[t,j] * (y[row_of[t,j]] + b[ids[t,j]]) for t < n, j in order.

@@ -322,7 +322,7 @@ extern "C" int kn_llm_gather_rows(const kn_half *src, const int *rows, int m, in
     return KN_LAUNCHED("gather_rows");
 }
 
-__global__ void swiglu_kernel(const float *__restrict__ gu, const float *__restrict__ b,
+__global__ void swiglu_kernel(const __half *__restrict__ gu, const float *__restrict__ b,
                               long total, int I, float limit, float alpha,
                               __half *__restrict__ act)
 {
@@ -330,7 +330,8 @@ __global__ void swiglu_kernel(const float *__restrict__ gu, const float *__restr
          idx += (long)gridDim.x * blockDim.x) {
         const long r = idx / I;
         const int i = (int)(idx % I);
-        const float2 v = *reinterpret_cast<const float2 *>(gu + r * 2 * I + 2 * i);
+        const float2 v =
+            __half22float2(*reinterpret_cast<const __half2 *>(gu + r * 2 * I + 2 * i));
         float g = v.x + b[2 * i], u = v.y + b[2 * i + 1];
         g = fminf(g, limit);
         u = fminf(fmaxf(u, -limit), limit);
@@ -339,15 +340,15 @@ __global__ void swiglu_kernel(const float *__restrict__ gu, const float *__restr
     }
 }
 
-extern "C" int kn_llm_swiglu(const float *gu, const float *b, int m, int I, float limit,
+extern "C" int kn_llm_swiglu(const kn_half *gu, const float *b, int m, int I, float limit,
                              float alpha, kn_half *act, cudaStream_t s)
 {
     const long total = (long)m * I;
     if (total == 0)
         return 0;
     const int blocks = (int)(total / 256 + 1 < 65536 ? total / 256 + 1 : 65536);
-    swiglu_kernel<<<blocks, 256, 0, s>>>(gu, b, total, I, limit, alpha,
-                                         reinterpret_cast<__half *>(act));
+    swiglu_kernel<<<blocks, 256, 0, s>>>(reinterpret_cast<const __half *>(gu), b, total, I,
+                                         limit, alpha, reinterpret_cast<__half *>(act));
     return KN_LAUNCHED("swiglu");
 }
 

@@ -18,9 +18,19 @@ extern "C" void kn_llm_set_pdl(int on) { kn_llm_pdl_on = on; }
 
 #define GEMV_THREADS 128  /* small blocks: one wave even at ~90 registers a thread */
 /* Lines of 128 bytes of each row a GEMV block prefetches into L2 before
- * waiting for the previous kernel (PDL): 2 KB a row keeps the first wave's
- * prefetch well inside L2. */
+ * waiting for the previous kernel (PDL). Matrices that fit L2 (q/k/v 29 MB,
+ * o_proj 24 MB) are prefetched whole, so they stream in while the previous
+ * kernel (the down GEMV; latency-bound attention) finishes; for lm_head,
+ * 2 KB a row keeps the first wave's prefetch inside L2. */
 #define PF_LINES 16
+
+/* Prefetch `lines` 128-byte lines of a row, spread over the warp's lanes. */
+__device__ __forceinline__ void prefetch_row(const void *row, int bytes, int lines, int lane)
+{
+    const char *p = static_cast<const char *>(row);
+    for (int i = lane; i < lines && i * 128 < bytes; i += 32)
+        prefetch_l2(p + i * 128);
+}
 #define MOE_THREADS 256
 
 /* ---------------------------------------------------- shared prologue */
@@ -100,11 +110,12 @@ gemv_kernel(const __half *__restrict__ W, const float *__restrict__ bias, int N,
     __shared__ float red[32];
     const int warp = (blockIdx.x * blockDim.x + threadIdx.x) >> 5, lane = threadIdx.x & 31;
     const int row0 = warp * R;
-    if (row0 < N && lane < PF_LINES && lane * 128 < K * 2)
+    if (row0 < N) {
+        const int lines = (size_t)N * K * 2 <= (32u << 20) ? (K * 2 + 127) / 128 : PF_LINES;
 #pragma unroll
         for (int r = 0; r < R; r++)
-            prefetch_l2(reinterpret_cast<const char *>(W + (size_t)min(row0 + r, N - 1) * K) +
-                        lane * 128);
+            prefetch_row(W + (size_t)min(row0 + r, N - 1) * K, K * 2, lines, lane);
+    }
     pdl_wait();
     pdl_launch_dependents();
     load_vec_norm(xs4, in, norm_w, eps, K, red);
@@ -181,9 +192,10 @@ qkv_decode_kernel(const float *__restrict__ x, const float *__restrict__ norm_w,
     const int p = (blockIdx.x * blockDim.x + threadIdx.x) >> 5, lane = threadIdx.x & 31;
     const int hg = p / half_hd, i = p % half_hd;
     const int r0 = hg * g.head_dim + i, r1 = r0 + half_hd;
-    if (p < npairs && lane < PF_LINES && lane * 128 < H * 2) {
-        prefetch_l2(reinterpret_cast<const char *>(W + (size_t)r0 * H) + lane * 128);
-        prefetch_l2(reinterpret_cast<const char *>(W + (size_t)r1 * H) + lane * 128);
+    if (p < npairs) {
+        const int lines = (H * 2 + 127) / 128;     /* the whole q/k/v matrix fits L2 */
+        prefetch_row(W + (size_t)r0 * H, H * 2, lines, lane);
+        prefetch_row(W + (size_t)r1 * H, H * 2, lines, lane);
     }
     pdl_wait();
     pdl_launch_dependents();
@@ -372,8 +384,8 @@ oproj_route_kernel(const __half *__restrict__ Wo, const float *__restrict__ bo, 
     __shared__ int last;
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, nw = blockDim.x >> 5;
     const int row = blockIdx.x * nw + warp;
-    if (row < H && lane < PF_LINES && lane * 128 < Q * 2)
-        prefetch_l2(reinterpret_cast<const char *>(Wo + (size_t)row * Q) + lane * 128);
+    if (row < H)
+        prefetch_row(Wo + (size_t)row * Q, Q * 2, (Q * 2 + 127) / 128, lane);
     for (size_t off = ((size_t)blockIdx.x * blockDim.x + tid) * 128; off < (size_t)E * H * 2;
          off += (size_t)gridDim.x * blockDim.x * 128)
         prefetch_l2(reinterpret_cast<const char *>(Wr) + off);

@@ -37,15 +37,17 @@ static int blas_fail(cublasStatus_t st, const char *what)
     return -EIO;
 }
 
-/* C[m, N] (fp32) = A[m, K] (fp16) @ B[K, N] (fp16), all row-major: the
- * "x @ W" layout of the expert weights. */
-static int gemm_xw(cublasHandle_t h, const kn_half *A, const kn_half *B, float *C, int m,
-                   int N, int K)
+/* C[m, N] = A[m, K] (fp16) @ B[K, N] (fp16), all row-major, fp32
+ * accumulation; C fp32 (c16 false) or fp16: the "x @ W" layout of the
+ * expert weights. */
+static int gemm_xw(cublasHandle_t h, const kn_half *A, const kn_half *B, void *C, bool c16,
+                   int m, int N, int K)
 {
     const float one = 1.f, zero = 0.f;
     cublasStatus_t st = cublasGemmEx(h, CUBLAS_OP_N, CUBLAS_OP_N, N, m, K, &one, B,
-                                     CUDA_R_16F, N, A, CUDA_R_16F, K, &zero, C, CUDA_R_32F, N,
-                                     CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
+                                     CUDA_R_16F, N, A, CUDA_R_16F, K, &zero, C,
+                                     c16 ? CUDA_R_16F : CUDA_R_32F, N, CUBLAS_COMPUTE_32F,
+                                     CUBLAS_GEMM_DEFAULT);
     return st == CUBLAS_STATUS_SUCCESS ? 0 : blas_fail(st, "gemm x@W");
 }
 
@@ -267,10 +269,12 @@ static int expert_rows_on(struct rn_engine *e, int si, cudaStream_t s, const str
         return 0;
     cublasHandle_t h = si < 0 ? e->blas : e->pblas[si];
     const int b = si < 0 ? 0 : si;
-    TRY(gemm_xw(h, e->Xg + (size_t)r0 * H, gu, e->GU[b], m, 2 * I, H));
+    /* gate/up pre-activations in fp16 (half the bytes of the largest
+     * prefill intermediate); the bias joins in fp32 in the SwiGLU. */
+    TRY(gemm_xw(h, e->Xg + (size_t)r0 * H, gu, e->GU[b], true, m, 2 * I, H));
     TRY(kn_llm_swiglu(e->GU[b], e->L[p->l].gate_up_b + (size_t)x * 2 * I, m, I, c->swiglu_limit,
                       c->swiglu_alpha, e->act16[b], s));
-    TRY(gemm_xw(h, e->act16[b], dn, e->Y + (size_t)r0 * H, m, H, I));
+    TRY(gemm_xw(h, e->act16[b], dn, e->Y + (size_t)r0 * H, false, m, H, I));
     return 0;
 }
 

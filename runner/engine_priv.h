@@ -112,7 +112,7 @@ struct rn_engine {
     cudaStream_t pst[ENG_PF_STREAMS];
     cublasHandle_t pblas[ENG_PF_STREAMS];
     cudaEvent_t ev_fork, ev_join[ENG_PF_STREAMS];
-    float *GU[ENG_PF_STREAMS];          /* device; [chunk, 2I]: one expert's rows */
+    kn_half *GU[ENG_PF_STREAMS];        /* device; [chunk, 2I]: one expert's rows */
     kn_half *act16[ENG_PF_STREAMS];     /* device; [chunk, I] */
     int *rids, *offsets, *rows_tok, *row_of;
     int *h_offsets;             /* pinned [E+1] */

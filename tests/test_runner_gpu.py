@@ -170,10 +170,10 @@ def offload_base(resident_info):
     mirrors runner/engine_load.c's layout. Resident, it also holds the
     embedding (read from the host in the 24 GB mode), the 3 layers' stacked
     experts, and 3 more prefill expert streams' scratch (2048 rows of 2I
-    fp32 and I fp16 each). A change there shows here as a wrong slot count."""
+    and I, fp16). A change there shows here as a wrong slot count."""
     embed = V * 64 * 2
     experts = 3 * 5 * (64 * 272 + 136 * 64) * 2
-    side = 3 * (2048 * 272 * 4 + 2048 * 136 * 2)
+    side = 3 * (2048 * 272 * 2 + 2048 * 136 * 2)
     return resident_info["stats"]["vram_bytes"] - embed - experts - side
 
 
