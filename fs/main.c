@@ -119,8 +119,14 @@ static void usage(FILE *f, const char *prog)
 "    -o dtype=f16|bf16|f32  dtype of the float tensors (default f16)\n"
 "    -o cache=SIZE          RAM for computed slices, never exceeded (default 2G)\n"
 "    -o threads=N           CPU threads that compute slices (default %s: all cores)\n"
-"    -o gpu=auto|off|N      GPU computation; this build has no GPU engine yet, so\n"
-"                           auto and off both compute on the CPU and N is refused\n"
+#if BNBFS_HAVE_CUDA
+"    -o gpu=auto|off|N      where 4-bit slices are computed: auto (default) uses\n"
+"                           CUDA device 0 when it works and the CPU otherwise; N\n"
+"                           picks device N; off computes on the CPU only\n"
+#else
+"    -o gpu=auto|off|N      this build has no CUDA: auto and off compute on the\n"
+"                           CPU, N is refused\n"
+#endif
 "    -o readahead=SIZE      read-ahead window per open file (default: 4 slices per\n"
 "                           thread, 16M..256M; 0 turns read-ahead off)\n"
 "    -o kernel_readahead=SIZE  the kernel's read-ahead for this mount (default 4M;\n"
@@ -290,11 +296,12 @@ static int run_mount(struct cli *cli, struct fuse_args *args)
         const struct dq_plan *p = fs_core_plan(core);
         char sz[64];
         const struct fs_opts *o = fs_core_opts(core);
+        char gname[32];
         dq_log(DQ_LOG_INFO, "main", "mounted %s at %s: %zu tensors, %s of %s, computed on %u CPU "
-               "threads%s; ready in %.0f ms", fs_core_src(core), co.mountpoint, p->nout,
+               "threads, gpu=%s%s; ready in %.0f ms", fs_core_src(core), co.mountpoint, p->nout,
                dq_fmt_size(p->total_bytes, sz, sizeof sz), dq_dtype_name(p->out_dtype),
-               o->threads ? o->threads : dq_ncpus(),
-               o->gpu == FS_GPU_AUTO ? " (gpu=auto: this build has no GPU engine)" : "", mount_ms);
+               o->threads ? o->threads : dq_ncpus(), fs_gpu_name(o->gpu, gname, sizeof gname),
+               BNBFS_HAVE_CUDA ? "" : " (this build has no GPU engine)", mount_ms);
     }
 
     int lr;
