@@ -655,7 +655,7 @@ static int tok_load(struct rn_tok *t, const cJSON *root)
         return r;
     if ((r = load_added(t, cJSON_GetObjectItemCaseSensitive(root, "added_tokens"))))
         return r;
-    const char *pattern;
+    const char *pattern = NULL;
     if ((r = load_pretok(t, cJSON_GetObjectItemCaseSensitive(root, "pre_tokenizer"), &pattern)))
         return r;
     return compile_regex(t, pattern);

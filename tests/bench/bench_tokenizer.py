@@ -145,6 +145,11 @@ def main():
         for n, text in build_corpora(limit).items():
             (cache / f"{n}.txt").write_text(text)
         stamp.write_text("ok")
+    small = [n for n in names if (cache / f"{n}.txt").stat().st_size < limit // 2]
+    if small:
+        sys.exit(f"corpora {', '.join(small)} have less than half of {a.mb:g} MB: this machine "
+                 "lacks their sources (/usr/share/locale/*/LC_MESSAGES/*.mo, "
+                 "/usr/share/common-licenses); lower --mb or run where they exist")
     pin = ["taskset", "-c", str(a.core)] if shutil.which("taskset") else []
     cmd = pin + [str(exe), str(tok), "--tokenize"]
     t_load, _ = timed(cmd, b"", a.runs)
