@@ -19,7 +19,7 @@ nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,clocks.mem,po
 # -Dwerror=false: that machine's gcc warns where this one does not (CI is
 # this machine's kind, where -Werror holds)
 { if [ -f build-gpu/build.ninja ]; then meson configure build-gpu -Dwerror=false;
-  else meson setup build-gpu -Dcuda_archs=90 -Dwerror=false; fi; } \
+  else meson setup build-gpu -Dgpu_archs=90 -Dwerror=false; fi; } \
   > "$OUT/build.log" 2>&1 && ninja -C build-gpu >> "$OUT/build.log" 2>&1 \
   || { echo "BUILD FAILED"; tail -40 "$OUT/build.log"; exit 1; }
 grep -E "warning:" "$OUT/build.log" | sort -u | head -5
