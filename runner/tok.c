@@ -478,8 +478,7 @@ static int load_merges(struct rn_tok *t, const cJSON *merges, const int16_t *inv
         return -ENOMEM;
     for (int a = 0; a < 256; a++)
         for (int b = 0; b < 256; b++) {
-            struct merge m = merge_find(t, t->byte_id[a], t->byte_id[b]);
-            t->byte_pair[a << 8 | b] = (struct bpair){m.prio, m.new_id};
+            t->byte_pair[a << 8 | b] = merge_find(t, t->byte_id[a], t->byte_id[b]);
         }
     return 0;
 }

@@ -135,7 +135,7 @@ int rn_utf8_stream_flush(struct rn_utf8_stream *s, struct rn_buf *out)
  * changed) are skipped when popped. */
 struct hent {
     uint32_t rank;
-    int32_t pos, left_id, right_id, new_id;
+    int32_t pos, left_id, right_id;
 };
 
 static inline bool hent_less(const struct hent *a, const struct hent *b)
@@ -195,10 +195,7 @@ static int scratch(struct rn_tok *t, size_t n)
     uint32_t *d = realloc(t->s_rank, cap * sizeof *d);
     if (d)
         t->s_rank = d;
-    int32_t *e = realloc(t->s_new, cap * sizeof *e);
-    if (e)
-        t->s_new = e;
-    if (!a || !b || !c || !d || !e)
+    if (!a || !b || !c || !d)
         return -ENOMEM;
     t->s_cap = cap;
     return 0;
@@ -210,15 +207,12 @@ static int scratch(struct rn_tok *t, size_t n)
  * merges the lowest-ranked, leftmost pair. O(n^2) for n <= BPE_SHORT. */
 static size_t bpe_short(struct rn_tok *t, const uint8_t *p, size_t n)
 {
-    int32_t *id = t->s_id, *nw = t->s_new;
+    int32_t *id = t->s_id;
     uint32_t *rk = t->s_rank;
     for (size_t i = 0; i < n; i++)
         id[i] = t->byte_id[p[i]];
-    for (size_t i = 0; i + 1 < n; i++) {
-        struct bpair bp = t->byte_pair[p[i] << 8 | p[i + 1]];
-        rk[i] = bp.rank;
-        nw[i] = bp.new_id;
-    }
+    for (size_t i = 0; i + 1 < n; i++)
+        rk[i] = t->byte_pair[p[i] << 8 | p[i + 1]];
     while (n > 1) {
         size_t best = 0;
         uint32_t br = UINT32_MAX;
@@ -229,19 +223,14 @@ static size_t bpe_short(struct rn_tok *t, const uint8_t *p, size_t n)
             }
         if (br == UINT32_MAX)
             break;
-        id[best] = nw[best];
+        id[best] = t->merge_new[br];
         size_t tail = n - best - 2;     /* elements after best+1 */
         memmove(id + best + 1, id + best + 2, tail * sizeof *id);
-        if (tail) {
+        if (tail)
             memmove(rk + best + 1, rk + best + 2, (tail - 1) * sizeof *rk);
-            memmove(nw + best + 1, nw + best + 2, (tail - 1) * sizeof *nw);
-        }
         n--;
-        for (size_t i = best ? best - 1 : 0; i <= best && i + 1 < n; i++) {
-            struct merge m = merge_find(t, id[i], id[i + 1]);
-            rk[i] = m.prio;
-            nw[i] = m.new_id;
-        }
+        for (size_t i = best ? best - 1 : 0; i <= best && i + 1 < n; i++)
+            rk[i] = merge_find(t, id[i], id[i + 1]);
     }
     return n;                       /* result in t->s_id[0..n) */
 }
@@ -268,9 +257,9 @@ static int bpe_long(struct rn_tok *t, const uint8_t *p, size_t n, size_t *nout)
         next[i] = i + 1 < n ? (int32_t)i + 1 : -1;
     }
     for (size_t i = 0; i + 1 < n; i++) {
-        struct bpair bp = t->byte_pair[p[i] << 8 | p[i + 1]];
-        if (bp.rank != UINT32_MAX)
-            heap_push(h, &hn, (struct hent){bp.rank, (int32_t)i, id[i], id[i + 1], bp.new_id});
+        uint32_t rank = t->byte_pair[p[i] << 8 | p[i + 1]];
+        if (rank != UINT32_MAX)
+            heap_push(h, &hn, (struct hent){rank, (int32_t)i, id[i], id[i + 1]});
     }
     /* A dead symbol is marked by id -1. Each merge kills one symbol and
      * pushes at most two entries, so the heap never exceeds 2n. */
@@ -279,17 +268,17 @@ static int bpe_long(struct rn_tok *t, const uint8_t *p, size_t n, size_t *nout)
         int32_t r = next[e.pos];
         if (id[e.pos] != e.left_id || r < 0 || id[r] != e.right_id)
             continue;
-        id[e.pos] = e.new_id;
+        id[e.pos] = t->merge_new[e.rank];
         id[r] = -1;
         next[e.pos] = next[r];
         if (next[r] >= 0)
             prev[next[r]] = e.pos;
         int32_t l = prev[e.pos], nx = next[e.pos];
-        struct merge m;
-        if (l >= 0 && (m = merge_find(t, id[l], id[e.pos])).prio != UINT32_MAX)
-            heap_push(h, &hn, (struct hent){m.prio, l, id[l], id[e.pos], m.new_id});
-        if (nx >= 0 && (m = merge_find(t, id[e.pos], id[nx])).prio != UINT32_MAX)
-            heap_push(h, &hn, (struct hent){m.prio, e.pos, id[e.pos], id[nx], m.new_id});
+        uint32_t rank;
+        if (l >= 0 && (rank = merge_find(t, id[l], id[e.pos])) != UINT32_MAX)
+            heap_push(h, &hn, (struct hent){rank, l, id[l], id[e.pos]});
+        if (nx >= 0 && (rank = merge_find(t, id[e.pos], id[nx])) != UINT32_MAX)
+            heap_push(h, &hn, (struct hent){rank, e.pos, id[e.pos], id[nx]});
     }
     size_t k = 0;
     for (int32_t i = 0; i >= 0; i = next[i])
@@ -446,6 +435,5 @@ void rn_tok_encode_free(struct rn_tok *t)
     free(t->s_prev);
     free(t->s_next);
     free(t->s_rank);
-    free(t->s_new);
     free(t->heap);
 }

@@ -51,26 +51,13 @@ struct vslot {
     uint32_t off, len;              /* the token's bytes (a copy of tokb[id]: one miss less) */
 };
 
-/* A merge as BPE uses it: lower prio merges first; prio UINT32_MAX = none. */
-struct merge {
-    uint32_t prio;                  /* the merge's rank (index in the file) */
-    int32_t new_id;
-};
-
 /* The merge table: open addressing over one word per merge,
  * left << (B + R) | right << R | rank, with B bits per id and R bits per rank
  * (gpt-oss: 18 + 18 + 19); the merged token's id is merge_new[rank]. One word
  * instead of a 16-byte slot halves the table every BPE step probes at random
  * (8 MiB for gpt-oss). Empty slots are all ones, which no merge can be since
- * 2B + R <= 63. */
-
-/* The merge of two single-byte tokens, looked up without hashing: every
- * BPE starts with n-1 of these, and for non-Latin scripts they are most of
- * the lookups. rank UINT32_MAX: no merge. */
-struct bpair {
-    uint32_t rank;                  /* a merge priority (struct merge's prio) */
-    int32_t new_id;
-};
+ * 2B + R <= 63. BPE compares ranks only and reads merge_new once per merge
+ * done, not per pair looked up: each read is another cache miss. */
 
 /* Pre-token cache: bytes -> ids of BPE results. Cleared wholesale when
  * full; only pre-tokens of at most CACHE_MAX_KEY bytes are cached. */
@@ -111,7 +98,8 @@ struct rn_tok {
     uint64_t mmask;
     size_t merges_n;
     int32_t byte_id[256];           /* id of the single-byte token */
-    struct bpair *byte_pair;        /* owned; [65536]: merge of byte a, byte b at [a << 8 | b] */
+    uint32_t *byte_pair;            /* owned; [65536]: rank of byte a + byte b at [a << 8 | b]
+                                     * (no hashing: every BPE starts with n-1 of these) */
     bool ignore_merges;
     /* added tokens */
     struct added *added;            /* owned; [n_added] */
@@ -130,7 +118,6 @@ struct rn_tok {
     /* BPE scratch (mutable) */
     int32_t *s_id, *s_prev, *s_next;
     uint32_t *s_rank;
-    int32_t *s_new;
     size_t s_cap;
     struct hent *heap;
     size_t heap_cap;
@@ -155,17 +142,17 @@ static inline int32_t vocab_find(const struct rn_tok *t, const uint8_t *p, size_
     }
 }
 
-static inline struct merge merge_find(const struct rn_tok *t, int32_t a, int32_t b)
+/* Rank of the merge of tokens a and b (lower merges first), or UINT32_MAX
+ * when they do not merge. */
+static inline uint32_t merge_find(const struct rn_tok *t, int32_t a, int32_t b)
 {
     uint64_t key = (uint64_t)(uint32_t)a << t->cb | (uint32_t)b;
     for (uint64_t i = hash_u64(key) & t->mmask;; i = (i + 1) & t->mmask) {
         uint64_t s = t->mtab[i];
-        if (s >> t->cr == key) {
-            uint32_t rank = (uint32_t)(s & ((UINT64_C(1) << t->cr) - 1));
-            return (struct merge){rank, t->merge_new[rank]};
-        }
+        if (s >> t->cr == key)
+            return (uint32_t)(s & ((UINT64_C(1) << t->cr) - 1));
         if (s == UINT64_MAX)
-            return (struct merge){UINT32_MAX, -1};
+            return UINT32_MAX;
     }
 }
 
