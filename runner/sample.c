@@ -17,6 +17,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "dequant.h"
+
 /* ---------------------------------------------------------------- PRNG */
 
 static uint64_t splitmix64(uint64_t *x)
@@ -67,6 +69,7 @@ struct rn_sampler {
     float *w;                       /* owned; [n] weights */
     double *bsum;                   /* owned; [ceil(n / BLK)] block sums of w */
     struct cand *c;                 /* owned; [n] candidates */
+    bool avx2;                      /* use the AVX2 loops (same bits, twice as wide) */
 };
 
 int rn_sampler_new(int n_vocab, const struct rn_sample_opts *o, struct rn_sampler **out)
@@ -81,6 +84,9 @@ int rn_sampler_new(int n_vocab, const struct rn_sample_opts *o, struct rn_sample
     s->n = n_vocab;
     s->o = *o;
     rn_rng_seed(&s->rng, o->seed);
+    /* dq_simd_get honours BNBFS_SIMD=scalar, which the tests use to check
+     * that both paths pick the same ids */
+    s->avx2 = dq_simd_get() >= DQ_SIMD_AVX2;
     s->w = malloc(((size_t)n_vocab + BLK) * sizeof *s->w);
     s->bsum = malloc(((size_t)n_vocab / BLK + 1) * sizeof *s->bsum);
     s->c = malloc((size_t)n_vocab * sizeof *s->c);
@@ -235,8 +241,19 @@ static void topk_sift_down(struct cand *h, int n, int i)
  * many were found (fewer when few are finite). */
 static int select_topk(const float *l, int n, int k, struct cand *c)
 {
-    int m = 0;
-    for (int i = 0; i < n; i++) {
+    int m = 0, i = 0;
+    for (; i < n; i++) {
+        if (m == k && i + 4 <= n && (i & 3) == 0) {
+            /* Once the heap is full, four at a time: none can enter unless
+             * one is above the worst kept (ids only grow, so an equal value
+             * never beats it; NaN compares false and is never kept). */
+            v4f th = {c[0].w, c[0].w, c[0].w, c[0].w};
+            v4i gt = load4(l + i) > th;
+            if (!(gt[0] | gt[1] | gt[2] | gt[3])) {
+                i += 3;
+                continue;
+            }
+        }
         if (!finite_f(l[i]))
             continue;
         if (m < k) {
@@ -319,22 +336,12 @@ static int pick_topk(struct rn_sampler *s, const float *logits, float inv_t, int
     return 0;
 }
 
-int rn_sampler_pick(struct rn_sampler *s, const float *logits, int32_t *id)
+/* The whole vocab's weights into s->w (zero-padded to whole blocks), the
+ * block sums into s->bsum; returns their total. Eight double lanes per
+ * block: lane j sums tokens j, j+8, j+16, ... (sample.h). */
+static double weigh_sse(struct rn_sampler *s, const float *logits, float mx, float inv_t)
 {
-    const int n = s->n;
-    float mx;
-    int32_t best = argmax(logits, n, &mx);
-    if (best < 0)
-        return -EDOM;
-    if (s->o.temperature == 0) {
-        *id = best;
-        return 0;
-    }
-    const float inv_t = (float)(1.0 / s->o.temperature);
-    if (s->o.top_k > 0 && s->o.top_k < n)
-        return pick_topk(s, logits, inv_t, id);
-    /* Weights of the whole vocab, then block sums (eight lanes per block,
-     * a fixed order), then the total over blocks. */
+    const int n = s->n, nb = (n + BLK - 1) / BLK;
     float *w = s->w;
     int i = 0;
     for (; i + 4 <= n; i += 4) {
@@ -343,12 +350,10 @@ int rn_sampler_pick(struct rn_sampler *s, const float *logits, int32_t *id)
     }
     for (; i < n; i++)
         w[i] = weight(logits[i], mx, inv_t);
-    int nb = (n + BLK - 1) / BLK;
     for (i = n; i < nb * BLK; i++)
         w[i] = 0;
     double total = 0;
     for (int b = 0; b < nb; b++) {
-        /* eight double lanes: lane j sums tokens j, j+8, j+16, ... */
         const float *p = w + (size_t)b * BLK;
         v2d l0 = {0, 0}, l1 = {0, 0}, l2 = {0, 0}, l3 = {0, 0};
         for (int k = 0; k < BLK; k += 8) {
@@ -361,6 +366,134 @@ int rn_sampler_pick(struct rn_sampler *s, const float *logits, int32_t *id)
         s->bsum[b] = ((l0[0] + l0[1]) + (l1[0] + l1[1])) + ((l2[0] + l2[1]) + (l3[0] + l3[1]));
         total += s->bsum[b];
     }
+    return total;
+}
+
+/* The same loops eight floats wide for CPUs with AVX2 (chosen at run time;
+ * the build targets baseline x86-64). Per element the operations are the
+ * scalar ones, so the bits are those of weigh_sse and argmax. */
+#if defined(__x86_64__) && defined(__GNUC__)
+#define AVX2 __attribute__((target("avx2")))
+typedef float v8f __attribute__((vector_size(32)));
+typedef int32_t v8i __attribute__((vector_size(32)));
+typedef float v4f_ __attribute__((vector_size(16)));
+typedef double v4d __attribute__((vector_size(32)));
+
+AVX2 static inline v8f load8(const float *p)
+{
+    v8f v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+
+AVX2 static inline v8f blend8(v8i mask, v8f a, v8f b)
+{
+    return (v8f)(((v8i)a & mask) | ((v8i)b & ~mask));
+}
+
+AVX2 static inline v8f weight8(v8f l, float mx, float inv_t)
+{
+    const v8f lo = {-87.0f, -87.0f, -87.0f, -87.0f, -87.0f, -87.0f, -87.0f, -87.0f};
+    v8i ok = (l - l) == 0.0f;
+    v8f x = blend8(ok, (l - mx) * inv_t, lo);
+    x = blend8(x < lo, lo, x);
+    v8i ki = -__builtin_convertvector(0.5f - x * 1.44269504088896341f, v8i);
+    v8f k = __builtin_convertvector(ki, v8f);
+    v8f r = x - k * 0.693359375f;
+    r = r + k * 2.12194440e-4f;
+    v8f z = r * r;
+    v8f p = ((((1.9875691500e-4f * r + 1.3981999507e-3f) * r + 8.3334519073e-3f) * r +
+              4.1665795894e-2f) * r + 1.6666665459e-1f) * r + 5.0000001201e-1f;
+    p = p * z + r + 1.0f;
+    v8f scale = (v8f)((ki + 127) << 23);
+    return (v8f)((v8i)(p * scale) & ok);
+}
+
+AVX2 static double weigh_avx2(struct rn_sampler *s, const float *logits, float mx, float inv_t)
+{
+    const int n = s->n, nb = (n + BLK - 1) / BLK;
+    float *w = s->w;
+    int i = 0;
+    for (; i + 8 <= n; i += 8) {
+        v8f v = weight8(load8(logits + i), mx, inv_t);
+        memcpy(w + i, &v, sizeof v);
+    }
+    for (; i < n; i++)
+        w[i] = weight(logits[i], mx, inv_t);
+    for (i = n; i < nb * BLK; i++)
+        w[i] = 0;
+    double total = 0;
+    for (int b = 0; b < nb; b++) {
+        const float *p = w + (size_t)b * BLK;
+        v4d lo = {0, 0, 0, 0}, hi = {0, 0, 0, 0};     /* lanes 0-3 and 4-7 */
+        for (int k = 0; k < BLK; k += 8) {
+            v8f a = load8(p + k);
+            lo += __builtin_convertvector((v4f_){a[0], a[1], a[2], a[3]}, v4d);
+            hi += __builtin_convertvector((v4f_){a[4], a[5], a[6], a[7]}, v4d);
+        }
+        s->bsum[b] = ((lo[0] + lo[1]) + (lo[2] + lo[3])) + ((hi[0] + hi[1]) + (hi[2] + hi[3]));
+        total += s->bsum[b];
+    }
+    return total;
+}
+
+AVX2 static int32_t argmax_avx2(const float *l, int n, float *max)
+{
+    v8f mx;
+    v8i ix;
+    for (int j = 0; j < 8; j++) {
+        mx[j] = -INFINITY;
+        ix[j] = -1;
+    }
+    const v8i lane = {0, 1, 2, 3, 4, 5, 6, 7};
+    int i = 0;
+    for (; i + 8 <= n; i += 8) {
+        v8f v = load8(l + i);
+        v8i take = ((v - v) == 0.0f) & ((v > mx) | (ix < 0));
+        mx = blend8(take, v, mx);
+        ix = (take & (lane + i)) | (~take & ix);
+    }
+    int32_t best = -1;
+    float bv = 0;
+    for (int j = 0; j < 8; j++)
+        if (ix[j] >= 0 && (best < 0 || mx[j] > bv || (mx[j] == bv && ix[j] < best))) {
+            best = ix[j];
+            bv = mx[j];
+        }
+    for (; i < n; i++)              /* the tail, after every lane's candidates */
+        if (finite_f(l[i]) && (best < 0 || l[i] > bv)) {
+            best = i;
+            bv = l[i];
+        }
+    *max = bv;
+    return best;
+}
+#else
+static double weigh_avx2(struct rn_sampler *s, const float *logits, float mx, float inv_t)
+{
+    return weigh_sse(s, logits, mx, inv_t);
+}
+
+static int32_t argmax_avx2(const float *l, int n, float *max) { return argmax(l, n, max); }
+#endif
+
+int rn_sampler_pick(struct rn_sampler *s, const float *logits, int32_t *id)
+{
+    const int n = s->n;
+    float mx;
+    int32_t best = s->avx2 ? argmax_avx2(logits, n, &mx) : argmax(logits, n, &mx);
+    if (best < 0)
+        return -EDOM;
+    if (s->o.temperature == 0) {
+        *id = best;
+        return 0;
+    }
+    const float inv_t = (float)(1.0 / s->o.temperature);
+    if (s->o.top_k > 0 && s->o.top_k < n)
+        return pick_topk(s, logits, inv_t, id);
+    float *w = s->w;
+    int nb = (n + BLK - 1) / BLK;
+    double total = s->avx2 ? weigh_avx2(s, logits, mx, inv_t) : weigh_sse(s, logits, mx, inv_t);
     if (s->o.top_p < 1) {
         /* A nucleus member has probability > (1 - top_p) / n (the tokens
          * outside the nucleus but one, each no likelier than it, carry more
