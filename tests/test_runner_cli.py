@@ -25,8 +25,9 @@ def tokdir():
     return tokenizer_dir()
 
 
-def run(exe, *args, stdin=b""):
-    return subprocess.run([exe, *map(str, args)], input=stdin, capture_output=True, timeout=120)
+def run(exe, *args, stdin=b"", env=None):
+    return subprocess.run([exe, *map(str, args)], input=stdin, capture_output=True, timeout=120,
+                          env=None if env is None else {**os.environ, **env})
 
 
 def one_error(r, *needles):
@@ -366,10 +367,10 @@ def sample_model(tmp_path):
     return make
 
 
-def sample(exe, model, logits, *args):
+def sample(exe, model, logits, *args, env=None):
     f = model / "logits.bin"
     np.asarray(logits, dtype=F).tofile(f)
-    r = run(exe, model, "--sample-logits", f, *args)
+    r = run(exe, model, "--sample-logits", f, *args, env=env)
     assert r.returncode == 0, r.stderr.decode()
     return [int(x) for x in r.stdout.split()]
 
@@ -404,6 +405,17 @@ def test_sampler_matches_its_specification(exe, sample_model, opts, vocab):
     rng = Xoshiro(seed)
     want = [ref_pick(l[s], rng, **opts) for s in range(steps)]
     assert got == want
+
+
+def test_simd_paths_pick_the_same_ids(exe, sample_model):
+    """The AVX2 loops (chosen when the CPU has them) and the baseline ones
+    (BNBFS_SIMD=scalar) compute the same bits."""
+    l = random_logits(200, 2051, seed=4)
+    m = sample_model(2051)
+    for args in (["--temperature", 0], ["--temperature", 0.9], ["--top-p", 0.8],
+                 ["--top-k", 30, "--temperature", 1.1]):
+        a = sample(exe, m, l, "--seed", 5, *args)
+        assert sample(exe, m, l, "--seed", 5, *args, env={"BNBFS_SIMD": "scalar"}) == a
 
 
 def test_seed_reproducible_and_varies(exe, sample_model):
