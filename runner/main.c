@@ -9,8 +9,8 @@
  * Build switches (set by runner/meson.build): RN_HAVE_MODEL when model.c
  * (rn_model_*) is part of librn, RN_HAVE_ENGINE when the CUDA engine
  * (rn_engine_*) is linked; without them the corresponding modes print one
- * line saying this build lacks them. RN_HAVE_READLINE / RN_HAVE_LIBEDIT add
- * line editing to --chat.
+ * line saying this build lacks them. RN_HAVE_LIBEDIT adds line editing to
+ * --chat (libedit only: GNU readline's GPL does not fit an MIT binary).
  *
  * Output contract: the final channel goes to stdout as it is generated
  * (flushed per token, whole UTF-8 characters only); everything else
@@ -45,10 +45,6 @@
 #if defined(RN_HAVE_LIBEDIT) && RN_HAVE_LIBEDIT
 #include <editline/readline.h>
 #define RN_LINE_EDITING "libedit"
-#elif defined(RN_HAVE_READLINE) && RN_HAVE_READLINE
-#include <readline/history.h>
-#include <readline/readline.h>
-#define RN_LINE_EDITING "readline"
 #endif
 
 #define TAG RN_CLI_TAG

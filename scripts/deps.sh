@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 pkgs=(meson ninja-build pkg-config gcc libfuse3-dev fuse3 libcjson-dev libxxhash-dev
-      libpcre2-dev python3-venv python3-pip attr xz-utils)
+      libpcre2-dev libedit-dev python3-venv python3-pip attr xz-utils)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
