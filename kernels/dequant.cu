@@ -414,125 +414,6 @@ k_deq4_fuse_t(q4p q, fusep f, void *dst, kn_counters *cnt)
     flush_sat(cnt, sat);
 }
 
-/* ------------------------------------------ FUSE_T: wide variant (v3) */
-
-constexpr int FW_THREADS = 128;
-constexpr int FW_TR = 128;  /* output rows r per tile: two groups of 64 */
-constexpr int FW_TC = 128;  /* output columns c per tile: 64 source row pairs */
-
-/* Like k_deq4_fuse_t, for 2-byte outputs when source bands are 64-aligned
- * (R and rb multiples of 64): each thread takes two adjacent source rows and
- * 64 columns, i.e. a whole 32-byte sector of codes per row (two adjacent
- * 16-byte loads) instead of half of one, and the tile is 128 x 128. The
- * arithmetic per element is the same as k_deq4_fuse_t's (one __fmul_rn, one
- * paired RNE conversion when no scale can saturate, the checked path
- * otherwise). */
-template <int OUT>
-__global__ void __launch_bounds__(FW_THREADS)
-k_deq4_fuse_t_wide(q4p q, fusep f, void *dst, kn_counters *cnt)
-{
-    static_assert(OUT != OUT_F32, "2-byte outputs only");
-    typedef typename out_t<OUT>::type T;
-    constexpr int VEC = 8;                               /* T per 16-byte store */
-    constexpr int CPR = FW_TC / VEC;                     /* 16-byte chunks per tile row */
-    constexpr int STEPS = FW_TR * CPR / FW_THREADS;
-    __shared__ float tab[16];
-    __shared__ __align__(16) T tile[FW_TR][FW_TC];
-    const int t = threadIdx.x;
-    if (t < 16)
-        tab[t] = q.table[t];
-    __syncthreads();
-    unsigned sat = 0;
-    const int cp = t & 63, h = t >> 6;
-    const uint64_t ct = (uint64_t)blockIdx.x * FW_TC;
-    const uint64_t c0 = ct + 2 * cp, c1 = c0 + 1;
-    const bool has1 = c1 < f.C;
-    for (uint64_t ty = blockIdx.y; ty < f.tiles_y; ty += gridDim.y) {
-        const uint64_t rt = f.rb + ty * FW_TR;
-        const uint64_t g = rt + 64 * (uint64_t)h;
-        if (c0 < f.C && g < f.r1 && g < f.re && g + 64 > f.r0) {
-            const int ilo = g >= f.r0 ? 0 : (int)(f.r0 - g);          /* stored rows [ilo, ihi) */
-            const int ihi = g + 64 <= f.r1 ? 64 : (int)(f.r1 - g);
-            T *row = &tile[64 * h][2 * cp];
-            if (g + 64 <= f.re) {
-                const uint8_t *p0 = q.codes + c0 * f.pitch + ((g - f.rb) >> 1);
-                uint4 x0[2], x1[2];
-                x0[0] = __ldg((const uint4 *)p0);
-                x0[1] = __ldg((const uint4 *)(p0 + 16));
-                x1[0] = has1 ? __ldg((const uint4 *)(p0 + f.pitch)) : make_uint4(0, 0, 0, 0);
-                x1[1] = has1 ? __ldg((const uint4 *)(p0 + f.pitch + 16)) : make_uint4(0, 0, 0, 0);
-                float a0[2], a1[2];
-#pragma unroll
-                for (int k = 0; k < 2; k++) { /* a 32-column group lies in one block */
-                    a0[k] = scale_of(q, (c0 * f.R + g + 32 * k) >> q.lbs, cnt);
-                    a1[k] = has1 ? scale_of(q, (c1 * f.R + g + 32 * k) >> q.lbs, cnt) : 0.0f;
-                }
-#pragma unroll
-                for (int k = 0; k < 2; k++) {
-                    T *rk = row + 32 * k * FW_TC;
-                    if (no_sat<OUT>(a0[k]) && no_sat<OUT>(a1[k])) {
-#pragma unroll
-                        for (int i = 0; i < 32; i++) {
-                            const float y0 = __fmul_rn(tab[nib32(x0[k], i)], a0[k]);
-                            const float y1 = __fmul_rn(tab[nib32(x1[k], i)], a1[k]);
-                            *(uint32_t *)(rk + i * FW_TC) = pack2<OUT>(y0, y1);
-                        }
-                    } else {
-#pragma unroll
-                        for (int i = 0; i < 32; i++) {
-                            unsigned s0 = 0, s1 = 0;
-                            rk[i * FW_TC] = round_out<OUT>(__fmul_rn(tab[nib32(x0[k], i)], a0[k]), s0);
-                            rk[i * FW_TC + 1] = round_out<OUT>(__fmul_rn(tab[nib32(x1[k], i)], a1[k]), s1);
-                            const int ii = 32 * k + i;
-                            sat += ii >= ilo && ii < ihi ? s0 + (has1 ? s1 : 0) : 0;
-                        }
-                    }
-                }
-            } else {
-                for (int k = 0; k < 2; k++) {
-                    const uint64_t c = c0 + k;
-                    if (c >= f.C)
-                        break;
-                    const uint64_t kc = c * f.R;
-                    const uint64_t rowbyte = c * f.pitch - ((kc + f.rb) >> 1);
-                    uint64_t lastb = ~0ull;
-                    float a = 0.0f;
-                    for (int i = 0; i < 64 && g + i < f.re; i++) {
-                        const uint64_t kk = kc + g + i;
-                        const uint8_t byte = __ldg(q.codes + rowbyte + (kk >> 1));
-                        const unsigned nb = (kk & 1) ? (byte & 0xfu) : (byte >> 4);
-                        if ((kk >> q.lbs) != lastb) {
-                            lastb = kk >> q.lbs;
-                            a = scale_of(q, lastb, cnt);
-                        }
-                        unsigned s1 = 0;
-                        row[i * FW_TC + k] = round_out<OUT>(__fmul_rn(tab[nb], a), s1);
-                        sat += i >= ilo && i < ihi ? s1 : 0;
-                    }
-                }
-            }
-        }
-        __syncthreads();
-#pragma unroll 4
-        for (int j = 0; j < STEPS; j++) {
-            const int ch = j * FW_THREADS + t;
-            const int rl = ch / CPR, cc = (ch % CPR) * VEC;
-            const uint64_t r = rt + rl, cs = ct + cc;
-            if (r < f.r0 || r >= f.r1 || cs >= f.C)
-                continue;
-            T *d = (T *)dst + (r - f.r0) * f.C + cs;
-            if (f.vstore && cs + VEC <= f.C) {
-                *(uint4 *)d = *(const uint4 *)&tile[rl][cc];
-            } else {
-                for (int e = 0; e < VEC && cs + e < f.C; e++)
-                    d[e] = tile[rl][cc + e];
-            }
-        }
-        __syncthreads();
-    }
-    flush_sat(cnt, sat);
-}
-
 /* ---------------------------------------------------- plain conversion */
 
 enum : int { IN_F16 = 0, IN_BF16 = 1, IN_F32 = 2, IN_F64 = 3 };
@@ -706,35 +587,9 @@ int launch_deq4_flat(const q4p &p, uint64_t k0, uint64_t n, int out, void *dst, 
     return 0;
 }
 
-/* BNBFS_KN_FUSE_T=v3 selects the wide kernel for 2-byte outputs; v2 (the
- * 64x128 kernel) stays the default until v3 is verified on a GPU. */
-static bool wide_allowed(void)
-{
-    static int v = -1;
-    if (v < 0) {
-        const char *e = getenv("BNBFS_KN_FUSE_T");
-        v = e && strcmp(e, "v3") == 0;
-    }
-    return v;
-}
-
 int launch_deq4_fuse_t(const q4p &p, fusep f, int out, void *dst, kn_counters *cnt,
                        cudaStream_t st)
 {
-    if (out != OUT_F32 && f.fast && f.R % 64 == 0 && f.rb % 64 == 0 && wide_allowed()) {
-        f.tiles_y = (f.r1 - f.rb + FW_TR - 1) / FW_TR;
-        const uint64_t gx = (f.C + FW_TC - 1) / FW_TC;
-        const uint64_t gy = f.tiles_y < 65535 ? f.tiles_y : 65535;
-        if (gx > 0x7fffffffu)
-            return -EINVAL;
-        const dim3 grid((unsigned)gx, (unsigned)gy);
-        if (out == OUT_F16)
-            k_deq4_fuse_t_wide<OUT_F16><<<grid, FW_THREADS, 0, st>>>(p, f, dst, cnt);
-        else
-            k_deq4_fuse_t_wide<OUT_BF16><<<grid, FW_THREADS, 0, st>>>(p, f, dst, cnt);
-        KN_CUDA(cudaGetLastError());
-        return 0;
-    }
     f.tiles_y = (f.r1 - f.rb + FT_TR - 1) / FT_TR;
     const uint64_t gx = (f.C + FT_TC - 1) / FT_TC;
     const uint64_t gy = f.tiles_y < 65535 ? f.tiles_y : 65535;
