@@ -213,6 +213,8 @@ int fs_core_start(struct fs_core *c)
     c->started = true;
     for (unsigned i = 0; i < c->nbackend; i++) {
         int err = c->backend[i].start(c, c->backend[i].ctx);
+        if (err == -ENODEV && c->backend[i].engine != FS_ENGINE_CPU)
+            continue;   /* no device for it: the engine said so itself, the CPU serves */
         if (err) {
             dq_log(DQ_LOG_ERROR, FS_TAG, "compute engine %s: cannot start: %s",
                    c->backend[i].name, strerror(-err));

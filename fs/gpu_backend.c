@@ -163,7 +163,7 @@ static int gpu_start(struct fs_core *c, void *ctx)
             snprintf(why, sizeof why, "device %d asked for, %d present", e->device, ndev);
         dq_log(e->device < 0 ? DQ_LOG_INFO : DQ_LOG_WARN, "gpu",
                "gpu=%s: no usable GPU (%s); computing on %u CPU threads", g, why, c->nthreads);
-        return 0; /* not an error: the CPU engine serves every read */
+        return -ENODEV; /* not an error: the CPU engine serves every read */
     }
     struct kn_ctx_opts ko = {.device = e->device, .nlanes = GPU_THREADS,
                              .lane_out_bytes = GPU_LANE_OUT, .lane_in_bytes = GPU_LANE_IN};
@@ -171,7 +171,7 @@ static int gpu_start(struct fs_core *c, void *ctx)
     if (err) {
         dq_log(DQ_LOG_WARN, "gpu", "gpu=%s: cannot use %s (%s, see above); computing on %u CPU "
                "threads", g, e->device < 0 ? "the GPU" : "that GPU", strerror(-err), c->nthreads);
-        return 0;
+        return -ENODEV;
     }
     for (unsigned i = 0; i < GPU_THREADS; i++) {
         e->args[i] = (struct gpu_thread_arg){c, e};
@@ -184,7 +184,7 @@ static int gpu_start(struct fs_core *c, void *ctx)
         e->kn = NULL;
         dq_log(DQ_LOG_WARN, "gpu", "cannot start GPU threads; computing on %u CPU threads",
                c->nthreads);
-        return 0;
+        return -ENODEV;
     }
     /* CPU threads help only when the GPU is behind by this many slices */
     fs_sched_set_cpu_min_queued(c, GPU_THREADS * GPU_PULL);

@@ -119,8 +119,9 @@ int fs_stats_json(struct fs_core *c, char **out, size_t *len)
     fprintf(f, ",\n  \"dtype\": \"%s\",\n  \"threads\": %u,\n  \"gpu\": \"%s\",\n"
             "  \"engines\": [", dq_dtype_name(c->plan->out_dtype), c->nthreads,
             fs_gpu_name(c->opts.gpu, gpu, sizeof gpu));
-    for (unsigned i = 0; i < c->nbackend; i++)
-        fprintf(f, "%s\"%s\"", i ? ", " : "", c->backend[i].name);
+    for (unsigned i = 0, shown = 0; i < c->nbackend; i++) /* the engines that run */
+        if (c->backend_started[i])
+            fprintf(f, "%s\"%s\"", shown++ ? ", " : "", c->backend[i].name);
     fprintf(f, "],\n  \"uptime_s\": %.3f,\n", up);
     fprintf(f, "  \"plan\": {\"tensors\": %zu, \"slices\": %" PRIu64 ", \"bytes\": %" PRIu64
             ", \"max_slice_bytes\": %" PRIu64 ", \"readahead_bytes\": %" PRIu64 "},\n",

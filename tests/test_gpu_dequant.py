@@ -194,3 +194,21 @@ def test_gpu_option_picks_a_device_and_a_missing_one_falls_back(gpu, tiny, bin_p
         st = m.stats()
         assert st["bytes_computed"]["gpu"] == 0 and st["bytes_computed"]["cpu"] > 0
         assert f"gpu={n}: no usable GPU" in m.log(), m.log()
+
+
+def test_without_a_gpu_auto_serves_from_the_cpu(bin_path, tiny, tmp_path):
+    """Where no GPU works (this test runs only there), gpu=auto mounts, says
+    so once at info level, lists only the CPU engine and serves the expected
+    bytes."""
+    from conftest import gpu_present
+    if gpu_present()[0]:
+        pytest.skip("a GPU is present: the fallback is covered by gpu=N of a missing device")
+    exp = fh.expected(tiny, "f16")
+    with fh.mounted(bin_path("bnbfs"), tiny / "src", tmp_path / "mnt", opts=["gpu=auto"]) as m:
+        st = m.stats()
+        assert st["engines"] == ["cpu"], st["engines"]
+        s = shards(m.mnt)[1]
+        got = read_file(m.path(s))
+        assert got == fh.expected_file_bytes(m.path(s), exp)
+        assert m.stats()["bytes_computed"]["gpu"] == 0
+        assert "no usable GPU" in m.log()
