@@ -24,7 +24,7 @@ nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm,
 
 b=build-gpu-engine
 # -Dwerror=false: that machine's gcc may warn where CI's does not.
-{ [ -f $b/build.ninja ] || meson setup $b -Dcuda_archs=90 -Dwerror=false; } > "$OUT/build.log" 2>&1 \
+{ [ -f $b/build.ninja ] || meson setup $b -Dgpu_archs=90 -Dwerror=false; } > "$OUT/build.log" 2>&1 \
   && ninja -C $b runner/llm-driver runner/bnbfs-run runner/llm-model-check fs/bnbfs \
      runner/llm-bench-kernels \
      >> "$OUT/build.log" 2>&1 \
