@@ -386,7 +386,7 @@ static int job_run(void *p)
 }
 
 /* Files a slice reads: the source's data (or codes + companions). */
-static int check_sources(const struct dq_out *o, const struct dq_src *s)
+int dq_src_check(const struct dq_out *o, const struct dq_src *s)
 {
     const struct dq_tensor *ts[6] = {s->t};
     int n = 1;
@@ -415,7 +415,7 @@ int dq_out_compute(const struct dq_out *o, uint64_t s, void *dst, struct dq_sat 
     if (s >= o->nslices)
         return -ERANGE;
     const struct dq_src *src = &o->src[s / o->slices_per_src];
-    int rc = check_sources(o, src);
+    int rc = dq_src_check(o, src);
     if (rc)
         return rc;
     struct dq_sat local = {0};

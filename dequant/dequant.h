@@ -254,6 +254,12 @@ void dq_out_slice_range(const struct dq_out *o, uint64_t s, uint64_t *off, uint6
 /* Slice holding byte `off` of the tensor's data (off < nbytes). */
 uint64_t dq_out_slice_at(const struct dq_out *o, uint64_t off);
 
+/* 0 when every file source s of o reads from (its data, or the codes and
+ * quant companions) still has the identity seen at open; -ESTALE otherwise,
+ * with a log line naming the file, the tensor and o. Every engine calls it
+ * before computing from s. */
+int dq_src_check(const struct dq_out *o, const struct dq_src *s);
+
 /* Compute slice s of o into dst (at least its length in bytes, 8-byte
  * aligned). Checks the
  * source file identity first (-ESTALE), reads mapped source bytes under the

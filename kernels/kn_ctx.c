@@ -352,30 +352,6 @@ static int stage_thunk(void *p)
     return 0;
 }
 
-/* The files a batch reads must still be the ones opened (as compute.c). */
-static int check_sources(const struct dq_out *o, const struct dq_src *s)
-{
-    const struct dq_tensor *ts[5] = {s->t};
-    int n = 1;
-    if (s->q) {
-        ts[n++] = s->q->absmax;
-        ts[n++] = s->q->quant_map;
-        if (s->q->nested) {
-            ts[n++] = s->q->nested_absmax;
-            ts[n++] = s->q->nested_quant_map;
-        }
-    }
-    for (int i = 0; i < n; i++) {
-        int rc = dq_stfile_check(ts[i]->file);
-        if (rc) {
-            dq_log(DQ_LOG_ERROR, KN_TAG, "%s: source file changed since it was opened; tensor "
-                   "'%s' (for %s) is no longer served", ts[i]->file->path, ts[i]->name, o->name);
-            return rc;
-        }
-    }
-    return 0;
-}
-
 /* Upload, kernel, download and wait; GPU failures only (-EIO, logged). */
 static int batch_gpu(struct kn_lane *l, const struct batch *b)
 {
@@ -441,7 +417,7 @@ static int bad_scales(const struct batch *b)
 static int run_batch(struct kn_ctx *ctx, struct kn_lane *l, struct batch *b, void *const dst[],
                      struct dq_sat *sat)
 {
-    int rc = check_sources(b->o, b->s);
+    int rc = dq_src_check(b->o, b->s);
     if (rc)
         return rc;
     if (b->s->q) {
