@@ -414,6 +414,214 @@ k_deq4_fuse_t(q4p q, fusep f, void *dst, kn_counters *cnt)
     flush_sat(cnt, sat);
 }
 
+/* ------------------------------- FUSE_T: register-transposed kernel (rt) */
+
+constexpr int RT_THREADS = 128;
+constexpr int RT_WARPS = RT_THREADS / 32;
+constexpr int RT_PIPE_BLOCKS_PER_SM = 2;   /* persistent grid of the "pipe" variant */
+
+/* One plain 16-byte global store; p is 16-byte aligned. (Written as a
+ * uint4 assignment, nvcc split some of these stores into four 4-byte ones.) */
+__device__ __forceinline__ void st16(void *p, uint4 v)
+{
+    asm volatile("st.global.v4.u32 [%0], {%1, %2, %3, %4};" ::"l"(p), "r"(v.x), "r"(v.y),
+                 "r"(v.z), "r"(v.w));
+}
+
+/* Where the warps of k_deq4_fuse_rt work: warp tiles of LPG 32-column groups
+ * (output rows r) x 32/LPG groups of VEC source rows (output columns c). */
+struct rtp {
+    uint64_t g0;    /* first 32-column group, rb + 32 * floor((r0 - rb) / 32) */
+    uint64_t ng;    /* 32-column groups from g0 that reach into [r0, r1) */
+    uint64_t ncg;   /* groups of VEC source rows: C / VEC */
+    uint64_t wtc;   /* warp tiles across C */
+    uint64_t nwt;   /* warp tiles in all */
+};
+
+/* One lane's inputs: VEC source rows x one 32-column group of codes, and
+ * per row the scale's first-level load (U8 code with its nested absmax, or
+ * the F32 absmax bits); the nested-map lookup waits until they are used. */
+template <int OUT> struct rt_in {
+    static constexpr int VEC = 16 / sizeof(typename out_t<OUT>::type);
+    uint4 x[VEC];
+    uint32_t s[VEC];
+    float na[VEC];
+};
+
+/* Lane `lane` of warp tile `tile`: its first source row c0 and group g;
+ * false when the lane falls past C or past the rows. Adjacent LPG lanes
+ * share the source rows and take consecutive groups. */
+template <int OUT, int LPG>
+__device__ __forceinline__ bool rt_where(const rtp &w, uint64_t tile, int lane, uint64_t &c0,
+                                         uint64_t &g)
+{
+    const uint64_t wr = tile / w.wtc, wc = tile - wr * w.wtc;
+    const uint64_t cg = wc * (32 / LPG) + lane / LPG, rg = wr * LPG + lane % LPG;
+    c0 = cg * rt_in<OUT>::VEC;
+    g = w.g0 + 32 * rg;
+    return cg < w.ncg && rg < w.ng;
+}
+
+/* Issues the lane's loads (nothing waits on them here). A group that runs
+ * past the band end re reads only the band's bytes (the columns beyond are
+ * never stored). */
+template <int OUT>
+__device__ __forceinline__ void rt_load(const q4p &q, const fusep &f, uint64_t c0, uint64_t g,
+                                        rt_in<OUT> &in)
+{
+    constexpr int VEC = rt_in<OUT>::VEC;
+    const uint8_t *p = q.codes + c0 * f.pitch + ((g - f.rb) >> 1);
+    if (g + 32 <= f.re) {
+#pragma unroll
+        for (int k = 0; k < VEC; k++)
+            in.x[k] = __ldg((const uint4 *)(p + k * f.pitch));
+    } else {
+        const uint64_t nb = ((f.re - 1 - g) >> 1) + 1;
+#pragma unroll
+        for (int k = 0; k < VEC; k++)
+            in.x[k] = load16_guarded(p + k * f.pitch, 0, nb);
+    }
+    const uint64_t k0 = c0 * f.R + g;
+#pragma unroll
+    for (int k = 0; k < VEC; k++) {
+        const uint64_t b = (k0 + k * f.R) >> q.lbs;
+        if (q.nested) {
+            in.s[k] = __ldg((const uint8_t *)q.absmax + (b - q.absmax_base));
+            in.na[k] = __ldg(q.nabs + ((b >> q.lnbs) - q.nbase));
+        } else {
+            in.s[k] = __float_as_uint(__ldg((const float *)q.absmax + (b - q.absmax_base)));
+            in.na[k] = 0.0f;
+        }
+    }
+}
+
+/* Table entry at byte offset off (4 * nibble). */
+__device__ __forceinline__ float tab_at(const float *tab, uint32_t off)
+{
+    return *(const float *)((const char *)tab + off);
+}
+
+/* Dequantizes the lane's VEC x 32 values and stores each output row's VEC
+ * values (rows r0 <= r < r1 only) with one 16-byte store. Scales as
+ * scale_of computes them. A whole group with scales that cannot saturate
+ * runs without branches: 4 * nibble for the 4 high (low) nibbles of a code
+ * word is one shift and one mask, then one byte permute per value. A group
+ * cut by r0 or r1, or with a scale that could saturate (or is not finite),
+ * takes the exact per-value path, which counts only stored values. */
+template <int OUT>
+__device__ __forceinline__ void rt_tile(const q4p &q, const fusep &f, const rt_in<OUT> &in,
+                                        uint64_t c0, uint64_t g, const float *tab,
+                                        const float *smap, void *dst, kn_counters *cnt,
+                                        unsigned &sat)
+{
+    typedef typename out_t<OUT>::type T;
+    constexpr int VEC = rt_in<OUT>::VEC;
+    float a[VEC];
+    bool easy = true;
+#pragma unroll
+    for (int k = 0; k < VEC; k++) {
+        a[k] = q.nested ? __fadd_rn(__fmul_rn(smap[in.s[k]], in.na[k]), q.noff)
+                        : __uint_as_float(in.s[k]);
+        if (!isfinite(a[k]))
+            report_bad(cnt, ((c0 + k) * f.R + g) >> q.lbs);
+        easy = easy && no_sat<OUT>(a[k]);
+    }
+    const int i0 = g < f.r0 ? (int)(f.r0 - g) : 0;          /* stored rows [i0, i1) */
+    const int i1 = f.r1 - g < 32 ? (int)(f.r1 - g) : 32;
+    T *d = (T *)dst + (g + i0 - f.r0) * f.C + c0;           /* output of row g + i0 */
+    if (easy && i0 == 0 && i1 == 32) {
+#pragma unroll
+        for (int wd = 0; wd < 4; wd++) {      /* code word wd: rows 8*wd .. 8*wd + 7 */
+            uint32_t hi[VEC], lo[VEC];
+#pragma unroll
+            for (int k = 0; k < VEC; k++) {
+                const uint32_t w = wd == 0 ? in.x[k].x : wd == 1 ? in.x[k].y
+                                 : wd == 2 ? in.x[k].z : in.x[k].w;
+                hi[k] = (w >> 2) & 0x3c3c3c3cu;
+                lo[k] = (w << 2) & 0x3c3c3c3cu;
+            }
+#pragma unroll
+            for (int e = 0; e < 8; e++) {     /* byte e/2; high nibble first */
+                const uint32_t sel = 0x4440u | (uint32_t)(e >> 1);
+                float y[VEC];
+#pragma unroll
+                for (int k = 0; k < VEC; k++)
+                    y[k] = __fmul_rn(tab_at(tab, __byte_perm(e & 1 ? lo[k] : hi[k], 0, sel)), a[k]);
+                uint4 r;
+                if constexpr (OUT == OUT_F32)
+                    r = make_uint4(__float_as_uint(y[0]), __float_as_uint(y[1]),
+                                   __float_as_uint(y[2]), __float_as_uint(y[3]));
+                else
+                    r = make_uint4(pack2<OUT>(y[0], y[1]), pack2<OUT>(y[2], y[3]),
+                                   pack2<OUT>(y[4], y[5]), pack2<OUT>(y[6], y[7]));
+                st16(d, r);
+                d += f.C;
+            }
+        }
+    } else {
+#pragma unroll 1
+        for (int i = i0; i < i1; i++, d += f.C) {
+            union { uint4 v; T e[VEC]; } o;
+#pragma unroll
+            for (int k = 0; k < VEC; k++)
+                o.e[k] = round_out<OUT>(__fmul_rn(tab[nib32(in.x[k], i)], a[k]), sat);
+            st16(d, o.v);
+        }
+    }
+}
+
+/* FUSE_T without a shared-memory tile, for 16-byte aligned groups and
+ * stores (fusep.fast and .vstore): each lane dequantizes VEC adjacent
+ * source rows (the VEC output columns of one 16-byte store) x one group of
+ * 32 columns (one 16-byte code load per row) and transposes in registers:
+ * output row r's VEC values are one 16-byte store. No barrier, no shared
+ * stores or reloads; the table and the nested map are read from shared
+ * memory. A warp-wide code load covers 32/LPG rows x 16*LPG bytes, a
+ * warp-wide store LPG output rows x 512/LPG bytes. With PF, each warp
+ * loads its next tile (codes and first-level scales) before computing the
+ * current one; the grid is then persistent (RT_PIPE_BLOCKS_PER_SM). */
+template <int OUT, int LPG, bool PF>
+__global__ void __launch_bounds__(RT_THREADS)
+k_deq4_fuse_rt(q4p q, fusep f, rtp w, void *dst, kn_counters *cnt)
+{
+    __shared__ float tab[16];
+    __shared__ float smap[256];
+    const int t = threadIdx.x, lane = t & 31;
+    if (t < 16)
+        tab[t] = q.table[t];
+    if (q.nested)
+        for (int i = t; i < 256; i += RT_THREADS)
+            smap[i] = __ldg(q.nmap + i);
+    __syncthreads();
+    unsigned sat = 0;
+    const uint64_t stride = (uint64_t)gridDim.x * RT_WARPS;
+    uint64_t tile = (uint64_t)blockIdx.x * RT_WARPS + (t >> 5), c0 = 0, g = 0;
+    rt_in<OUT> cur;
+    if constexpr (PF) {
+        bool act = tile < w.nwt && rt_where<OUT, LPG>(w, tile, lane, c0, g);
+        if (act)
+            rt_load<OUT>(q, f, c0, g, cur);
+        for (; tile < w.nwt; tile += stride) {
+            rt_in<OUT> nxt = cur;
+            uint64_t nc0 = 0, ngr = 0;
+            const bool nact = tile + stride < w.nwt &&
+                              rt_where<OUT, LPG>(w, tile + stride, lane, nc0, ngr);
+            if (nact)
+                rt_load<OUT>(q, f, nc0, ngr, nxt);
+            if (act)
+                rt_tile<OUT>(q, f, cur, c0, g, tab, smap, dst, cnt, sat);
+            cur = nxt, act = nact, c0 = nc0, g = ngr;
+        }
+    } else {
+        for (; tile < w.nwt; tile += stride)
+            if (rt_where<OUT, LPG>(w, tile, lane, c0, g)) {
+                rt_load<OUT>(q, f, c0, g, cur);
+                rt_tile<OUT>(q, f, cur, c0, g, tab, smap, dst, cnt, sat);
+            }
+    }
+    flush_sat(cnt, sat);
+}
+
 /* ---------------------------------------------------- plain conversion */
 
 enum : int { IN_F16 = 0, IN_BF16 = 1, IN_F32 = 2, IN_F64 = 3 };
@@ -587,9 +795,73 @@ int launch_deq4_flat(const q4p &p, uint64_t k0, uint64_t n, int out, void *dst, 
     return 0;
 }
 
+/* FUSE_T kernel variants, chosen by BNBFS_KN_FUSE_T until one is verified
+ * on a GPU: v2 (the tiled kernel, default), rt1/rt (rt2)/rt4 (register-
+ * transposed, 1/2/4 lanes per row group), pipe (rt2 with a persistent grid
+ * and the next tile's loads issued before the current tile's arithmetic).
+ * Shapes the rt kernel does not take (not .fast or not .vstore) use v2. */
+enum : int { FT_V2 = 0, FT_RT1, FT_RT2, FT_RT4, FT_PIPE };
+
+int fuse_t_variant(void)
+{
+    static int v = -1;
+    if (v < 0) {
+        const char *e = getenv("BNBFS_KN_FUSE_T");
+        v = !e ? FT_V2 : !strcmp(e, "rt1") ? FT_RT1 : !strcmp(e, "rt") || !strcmp(e, "rt2") ? FT_RT2
+          : !strcmp(e, "rt4") ? FT_RT4 : !strcmp(e, "pipe") ? FT_PIPE : FT_V2;
+    }
+    return v;
+}
+
+/* Warp tiles of k_deq4_fuse_rt for rows [r0, r1) (vec: output values per
+ * 16-byte store). Every count is below C * R. */
+rtp rt_plan(const fusep &f, uint64_t vec, uint64_t lpg)
+{
+    rtp w;
+    w.g0 = f.rb + (f.r0 - f.rb) / 32 * 32;
+    w.ng = (f.r1 - w.g0 + 31) / 32;
+    w.ncg = f.C / vec;
+    w.wtc = (w.ncg + 32 / lpg - 1) / (32 / lpg);
+    w.nwt = w.wtc * ((w.ng + lpg - 1) / lpg);
+    return w;
+}
+
+template <int LPG, bool PF>
+int launch_fuse_rt_lpg(const q4p &p, const fusep &f, int out, void *dst, kn_counters *cnt,
+                       cudaStream_t st)
+{
+    const rtp w = rt_plan(f, out == OUT_F32 ? 4 : 8, LPG);
+    uint64_t blocks = (w.nwt + RT_WARPS - 1) / RT_WARPS;
+    if (PF) {
+        int dev = 0, nsm = 0;
+        KN_CUDA(cudaGetDevice(&dev));
+        KN_CUDA(cudaDeviceGetAttribute(&nsm, cudaDevAttrMultiProcessorCount, dev));
+        const uint64_t cap = (uint64_t)nsm * RT_PIPE_BLOCKS_PER_SM;
+        blocks = blocks < cap ? blocks : cap;
+    }
+    const unsigned g = (unsigned)(blocks < 0x7fffffffu ? blocks : 0x7fffffffu); /* grid-stride */
+    if (out == OUT_F16)
+        k_deq4_fuse_rt<OUT_F16, LPG, PF><<<g, RT_THREADS, 0, st>>>(p, f, w, dst, cnt);
+    else if (out == OUT_BF16)
+        k_deq4_fuse_rt<OUT_BF16, LPG, PF><<<g, RT_THREADS, 0, st>>>(p, f, w, dst, cnt);
+    else
+        k_deq4_fuse_rt<OUT_F32, LPG, PF><<<g, RT_THREADS, 0, st>>>(p, f, w, dst, cnt);
+    KN_CUDA(cudaGetLastError());
+    return 0;
+}
+
 int launch_deq4_fuse_t(const q4p &p, fusep f, int out, void *dst, kn_counters *cnt,
                        cudaStream_t st)
 {
+    if (f.fast && f.vstore) {
+        switch (fuse_t_variant()) {
+        case FT_RT1: return launch_fuse_rt_lpg<1, false>(p, f, out, dst, cnt, st);
+        case FT_RT2: return launch_fuse_rt_lpg<2, false>(p, f, out, dst, cnt, st);
+        case FT_RT4: return launch_fuse_rt_lpg<4, false>(p, f, out, dst, cnt, st);
+        case FT_PIPE: return launch_fuse_rt_lpg<2, true>(p, f, out, dst, cnt, st);
+        default: break;
+        }
+    }
     f.tiles_y = (f.r1 - f.rb + FT_TR - 1) / FT_TR;
     const uint64_t gx = (f.C + FT_TC - 1) / FT_TC;
     const uint64_t gy = f.tiles_y < 65535 ? f.tiles_y : 65535;

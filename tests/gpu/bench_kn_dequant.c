@@ -13,7 +13,10 @@
  *   - with --ckpt DIR: kn_ctx_compute over every GPU-computable output of a
  *     checkpoint, host memory to host memory, with --threads callers, next
  *     to the CPU (dq_out_compute on all cores), GB/s of output.
- * Prints "RESULT <key> <value>" lines for the script, then a table.
+ * Prints "RESULT <key> <value>" lines for the script, then a table. With
+ * --hash, also an XXH3 hash of each FUSE_T output (all experts of the last
+ * timed run): the data is the same every run, so kernel variants can be
+ * compared at these shapes (tests/gpu/fuse_t_session.sh).
  */
 #include <errno.h>
 #include <pthread.h>
@@ -24,6 +27,8 @@
 #include <time.h>
 
 #include <cuda_runtime_api.h>
+#define XXH_INLINE_ALL
+#include <xxhash.h>
 
 #include "dequant.h"
 #include "kernels.h"
@@ -214,6 +219,21 @@ static void run_conv(void *p, cudaStream_t st)
     OK(kn_convert(DQ_BF16, c->src, c->n, DQ_F16, c->dst, c->cnt, st));
 }
 
+/* XXH3 of n device bytes, through the pinned buffer hp of hn bytes. */
+static unsigned long long dev_hash(const void *d, size_t n, void *hp, size_t hn)
+{
+    XXH3_state_t *s = XXH3_createState();
+    XXH3_64bits_reset(s);
+    for (size_t off = 0; off < n; off += hn) {
+        size_t len = n - off < hn ? n - off : hn;
+        CK(cudaMemcpy(hp, (const uint8_t *)d + off, len, cudaMemcpyDeviceToHost));
+        XXH3_64bits_update(s, hp, len);
+    }
+    unsigned long long h = XXH3_64bits_digest(s);
+    XXH3_freeState(s);
+    return h;
+}
+
 /* ------------------------------------------------- kn_ctx over a ckpt */
 
 struct job {
@@ -343,6 +363,7 @@ int main(int argc, char **argv)
 {
     const char *ckpt = NULL;
     unsigned threads = 8, lanes = 4;
+    int hash = 0;
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--ckpt") && i + 1 < argc)
             ckpt = argv[++i];
@@ -350,8 +371,10 @@ int main(int argc, char **argv)
             threads = (unsigned)atoi(argv[++i]);
         else if (!strcmp(argv[i], "--lanes") && i + 1 < argc)
             lanes = (unsigned)atoi(argv[++i]);
+        else if (!strcmp(argv[i], "--hash"))
+            hash = 1;
         else {
-            fprintf(stderr, "usage: %s [--ckpt DIR] [--threads N] [--lanes N]\n", argv[0]);
+            fprintf(stderr, "usage: %s [--ckpt DIR] [--threads N] [--lanes N] [--hash]\n", argv[0]);
             return 2;
         }
     }
@@ -435,6 +458,9 @@ int main(int argc, char **argv)
                                         (double)el * dq_dtype_size(outs[o]));
             fuse_gbs[s][o] = bytes / (ms * 1e-3) / 1e9;
             printf("RESULT fuse_%s_%s_gbs %.1f\n", sname[s], oname[o], fuse_gbs[s][o]);
+            if (hash)
+                printf("RESULT fuse_%s_%s_xxh3 %016llx\n", sname[s], oname[o],
+                       dev_hash(out, E * el * dq_dtype_size(outs[o]), hp, hn));
         }
     }
     /* BF16 -> F16, weight-like values */
