@@ -61,10 +61,11 @@ int kn_llm_qkv_decode(const float *x, const float *norm_w, float eps, const kn_h
                       const float *rope, const struct kn_step *step, float *q_out,
                       kn_half *kc, kn_half *vc, cudaStream_t s);
 
-/* Decode attention of one position over the cache (split over nsplit blocks
- * per kv head, combined by the last one): out [nh*hd] fp32. Sinks [nh] join
+/* Decode attention of one position over the cache: each head's visible
+ * keys are split over nsplit warps (nsplit <= 32), combined in split order
+ * by the last warp of the head to finish: out [nh*hd] fp32. Sinks [nh] join
  * the softmax denominator only. partial: [nh * nsplit * (hd + 2)] floats;
- * counters: [nkv] ints. */
+ * counters: [nh] ints. */
 int kn_llm_attn_decode(const float *q, const kn_half *kc, const kn_half *vc,
                        const float *sinks, const struct kn_attn_geom *g,
                        const struct kn_step *step, int nsplit, float *partial, int *counters,
@@ -103,25 +104,85 @@ struct kn_expert_src {
  * experts: gate = gu[2i] clamped above at limit, up = gu[2i+1] clamped to
  * [-limit, limit], act = (up + 1) * gate * sigmoid(alpha * gate).
  * gate_up per expert [H, 2I] (x @ W), b [E, 2I]. act [topk, I] fp32.
- * partial: kn_llm_moe_partial_floats(); counters: kn_llm_moe_counters(2I). */
+ * partial: kn_llm_moe_partial_floats(2I, topk, ksplit, 0) floats;
+ * counters: kn_llm_moe_counters(2I, topk, 0) ints. */
 int kn_llm_moe_gate_up_decode(const float *hn, struct kn_expert_src W, const float *b,
                               const int *ids, int H, int I, int topk, int ksplit, float limit,
                               float alpha, float *partial, int *counters, float *act,
                               cudaStream_t s);
 
 /* x[H] += sum_j w[j] * (act[j] @ down[e_j] + b[e_j]), in expert order j.
- * down per expert [I, H], b [E, H]. counters: kn_llm_moe_counters(H). */
+ * down per expert [I, H], b [E, H]. partial: kn_llm_moe_partial_floats(H,
+ * topk, ksplit, 1); counters: kn_llm_moe_counters(H, topk, 1). */
 int kn_llm_moe_down_decode(const float *act, struct kn_expert_src W, const float *b,
                            const int *ids, const float *w, int I, int H, int topk, int ksplit,
                            float *partial, int *counters, float *x, cudaStream_t s);
 
-/* Split of K that gives the expert GEMVs enough blocks on this card (mode 0
- * gate_up, 1 down), and the partial-sum workspace it needs (floats) for an
- * output width N. */
-int kn_llm_moe_ksplit(int K, int N, int topk, int nsm, int mode);
-size_t kn_llm_moe_partial_floats(int N, int topk, int ksplit);
-/* Counters (ints) the expert GEMVs need for an output width N. */
-int kn_llm_moe_counters(int N);
+/* Work split of a decode step for this card and model, shared by the
+ * persistent kernel and the per-kernel launches (the same splits give the
+ * same sums, so both compute the same bits):
+ *   blocks  grid of kn_llm_decode_layers (all resident at once: a
+ *           cooperative launch), at most max_bps blocks a multiprocessor;
+ *           0 when the kernel cannot run on this device (the splits still
+ *           serve the per-step launches);
+ *   ks_gu, ks_dn  K splits of the expert GEMVs (mode 0 gate_up, 1 down),
+ *           chosen so their work items fill the grid's warps evenly;
+ *   nsplit  warps a head's attention is split over;
+ *   smem    dynamic shared memory of the persistent kernel, bytes. */
+struct kn_decode_plan {
+    int blocks, ks_gu, ks_dn, nsplit;
+    size_t smem;
+};
+int kn_llm_decode_plan(int nsm, int max_bps, int H, int I, int E, int topk, int nheads,
+                       int head_dim, struct kn_decode_plan *p);   /* 0 or -EINVAL */
+/* Workspace (floats) and counters (ints) of the expert GEMVs for an output
+ * width N (mode 0 gate_up, 1 down). */
+size_t kn_llm_moe_partial_floats(int N, int topk, int ksplit, int mode);
+int kn_llm_moe_counters(int N, int topk, int mode);
+
+/* One decoder layer's device pointers (resident weights) for the
+ * persistent decode kernel. */
+struct kn_decode_layer {
+    const kn_half *wqkv;        /* [(nh+2nkv)*hd, H] */
+    const float *bqkv;
+    const kn_half *wo;          /* [H, nh*hd] */
+    const float *bo, *sinks, *attn_norm, *mlp_norm;
+    const kn_half *wr;          /* [E, H] */
+    const float *br;
+    const kn_half *gate_up;     /* [E, H, 2I] */
+    const kn_half *down;        /* [E, I, H] */
+    const float *gate_up_b, *down_b;
+    kn_half *kc, *vc;           /* [nkv, max_ctx, hd] */
+    int window;                 /* sliding window, 0 = full attention */
+};
+
+/* Everything kn_llm_decode_layers reads or writes; every pointer is device
+ * memory, fixed for the engine's life (the position comes from step). */
+struct kn_decode_args {
+    const struct kn_decode_layer *layers;  /* [nlayers] */
+    int nlayers, H, I, E, topk;
+    struct kn_attn_geom g;      /* window: per layer, from layers[] */
+    float eps, limit, alpha;
+    const float *rope;          /* as kn_llm_qkv_decode */
+    const struct kn_step *step;
+    float *x;                   /* [H] residual stream, updated in place */
+    float *q, *attn;            /* [nh*hd] */
+    float *act;                 /* [topk, I] */
+    float *rlogits;             /* [E] router logits */
+    float *attn_partial;        /* as kn_llm_attn_decode */
+    float *moe_partial;         /* max of both expert GEMVs' partial floats */
+    int *attn_counters, *gu_counters, *dn_counters;
+    unsigned *barrier;          /* one, zero before the first launch */
+    struct kn_decode_plan plan;
+};
+
+/* Every decoder layer of one decode step in one persistent cooperative
+ * kernel (plan.blocks blocks), its phases separated by grid-wide barriers:
+ * the same computation as, per layer, kn_llm_qkv_decode,
+ * kn_llm_attn_decode, kn_llm_oproj_route, kn_llm_moe_gate_up_decode and
+ * kn_llm_moe_down_decode with the same plan, bit for bit. Not launched with
+ * PDL; a kernel after it waits for its end. Returns 0 or -EIO. */
+int kn_llm_decode_layers(const struct kn_decode_args *a, cudaStream_t s);
 
 /* ----------------------------------------------------------- prefill */
 

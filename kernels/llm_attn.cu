@@ -1,169 +1,21 @@
-/* llm_attn.cu — attention with per-head sinks over the fp16 KV cache:
- * decode (one query per head, split over blocks, combined by the last
- * block) and prefill (64-query tiles on the tensor cores, online softmax).
+/* llm_attn.cu — prefill attention with per-head sinks over the fp16 KV
+ * cache: 64-query tiles on the tensor cores, online softmax.
  *
- * Not here: projections, RoPE (llm_gemv.cu, llm_batch.cu).
+ * Not here: decode attention (llm_gemv.cu, with the rest of the decode
+ * step, so the persistent decode kernel runs the same code), projections
+ * and RoPE (llm_gemv.cu, llm_batch.cu).
  *
  * Semantics (gpt-oss): scores q.k * scale; a query at position q sees keys
  * max(0, q-window+1)..q on sliding layers, 0..q otherwise; the sink logit of
  * head h joins the softmax denominator only:
  *   p_j = exp(s_j) / (exp(sink_h) + sum_k exp(s_k)).
- * Both kernels start the running max at the sink (so it is never -inf) and
- * zero every key row outside the visible range before it can reach a
+ * The kernel starts the running max at the sink (so it is never -inf) and
+ * zeroes every key row outside the visible range before it can reach a
  * product: the cache beyond the written positions is never trusted.
  */
 #include <mma.h>
 
 #include "llm_common.cuh"
-
-#define DEC_MAX_DPL 4           /* head_dim <= 128: dims per lane */
-
-/* ------------------------------------------------------------- decode */
-
-/* grid (nkv, nsplit); block: one warp per query head of the kv group. */
-__global__ void attn_decode_kernel(const float *__restrict__ q, const __half *__restrict__ kc,
-                                   const __half *__restrict__ vc,
-                                   const float *__restrict__ sinks, kn_attn_geom g,
-                                   const kn_step *__restrict__ step, int nsplit,
-                                   float *__restrict__ partial, int *__restrict__ counters,
-                                   float *__restrict__ out)
-{
-    __shared__ int last;
-    const int kvh = blockIdx.x, sp = blockIdx.y;
-    const int G = g.nheads / g.nkv, w = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    const int h = kvh * G + w, hd = g.head_dim;
-    pdl_wait();
-    pdl_launch_dependents();
-    const int pos = step->pos;
-    const int lo = g.window ? max(0, pos - g.window + 1) : 0;
-    const int len = pos - lo + 1;
-    const int chunk = (len + nsplit - 1) / nsplit;
-    const int p0 = lo + sp * chunk, p1 = min(pos + 1, p0 + chunk);
-
-    float qv[DEC_MAX_DPL], acc[DEC_MAX_DPL];
-#pragma unroll
-    for (int j = 0; j < DEC_MAX_DPL; j++) {
-        const int d = lane + 32 * j;
-        qv[j] = d < hd ? q[h * hd + d] * g.scale : 0.f;
-        acc[j] = 0.f;
-    }
-    const __half *kb = kc + (size_t)kvh * g.max_ctx * hd;
-    const __half *vb = vc + (size_t)kvh * g.max_ctx * hd;
-    float m = -INFINITY, l = 0.f;
-    int p = p0;
-    /* Four keys per round: four independent reductions in flight (eight
-     * measured slower on an H200: 14.6 vs 11.6 us at 256 positions). */
-    for (; p + 3 < p1; p += 4) {
-        float s[4] = {0.f, 0.f, 0.f, 0.f};
-#pragma unroll
-        for (int u = 0; u < 4; u++)
-#pragma unroll
-            for (int j = 0; j < DEC_MAX_DPL; j++) {
-                const int d = lane + 32 * j;
-                if (d < hd)
-                    s[u] = fmaf(qv[j], __half2float(kb[(size_t)(p + u) * hd + d]), s[u]);
-            }
-#pragma unroll
-        for (int u = 0; u < 4; u++)
-            s[u] = warp_sum(s[u]);
-        const float mn = fmaxf(m, fmaxf(fmaxf(s[0], s[1]), fmaxf(s[2], s[3])));
-        const float corr = __expf(m - mn);
-        float e[4];
-#pragma unroll
-        for (int u = 0; u < 4; u++)
-            e[u] = __expf(s[u] - mn);
-        l = l * corr + ((e[0] + e[1]) + (e[2] + e[3]));
-#pragma unroll
-        for (int j = 0; j < DEC_MAX_DPL; j++) {
-            const int d = lane + 32 * j;
-            if (d < hd) {
-                float a = acc[j] * corr;
-#pragma unroll
-                for (int u = 0; u < 4; u++)
-                    a = fmaf(e[u], __half2float(vb[(size_t)(p + u) * hd + d]), a);
-                acc[j] = a;
-            }
-        }
-        m = mn;
-    }
-    for (; p < p1; p++) {
-        float s = 0.f;
-#pragma unroll
-        for (int j = 0; j < DEC_MAX_DPL; j++) {
-            const int d = lane + 32 * j;
-            if (d < hd)
-                s = fmaf(qv[j], __half2float(kb[(size_t)p * hd + d]), s);
-        }
-        s = warp_sum(s);
-        const float mn = fmaxf(m, s), corr = __expf(m - mn), e = __expf(s - mn);
-        l = l * corr + e;
-#pragma unroll
-        for (int j = 0; j < DEC_MAX_DPL; j++) {
-            const int d = lane + 32 * j;
-            if (d < hd)
-                acc[j] = fmaf(e, __half2float(vb[(size_t)p * hd + d]), acc[j] * corr);
-        }
-        m = mn;
-    }
-    float *pp = partial + ((size_t)h * nsplit + sp) * (hd + 2);
-    if (lane == 0) {
-        pp[0] = m;
-        pp[1] = l;
-    }
-#pragma unroll
-    for (int j = 0; j < DEC_MAX_DPL; j++) {
-        const int d = lane + 32 * j;
-        if (d < hd)
-            pp[2 + d] = acc[j];
-    }
-    __threadfence();
-    __syncthreads();
-    if (threadIdx.x == 0)
-        last = atomicAdd(&counters[kvh], 1) == nsplit - 1;
-    __syncthreads();
-    if (!last)
-        return;
-    __threadfence();
-    if (threadIdx.x == 0)
-        counters[kvh] = 0;
-    /* Combine the splits of head h in split order, the sink included. */
-    const float sink = sinks[h];
-    float M = sink;
-    for (int t = 0; t < nsplit; t++)
-        M = fmaxf(M, __ldcg(partial + ((size_t)h * nsplit + t) * (hd + 2)));
-    float L = __expf(sink - M), o[DEC_MAX_DPL] = {0.f, 0.f, 0.f, 0.f};
-    for (int t = 0; t < nsplit; t++) {
-        const float *pt = partial + ((size_t)h * nsplit + t) * (hd + 2);
-        const float f = __expf(__ldcg(pt) - M);   /* 0 for an empty split (m = -inf) */
-        L += __ldcg(pt + 1) * f;
-#pragma unroll
-        for (int j = 0; j < DEC_MAX_DPL; j++) {
-            const int d = lane + 32 * j;
-            if (d < hd)
-                o[j] = fmaf(__ldcg(pt + 2 + d), f, o[j]);
-        }
-    }
-#pragma unroll
-    for (int j = 0; j < DEC_MAX_DPL; j++) {
-        const int d = lane + 32 * j;
-        if (d < hd)
-            out[h * hd + d] = o[j] / L;
-    }
-}
-
-extern "C" int kn_llm_attn_decode(const float *q, const kn_half *kc, const kn_half *vc,
-                                  const float *sinks, const struct kn_attn_geom *g,
-                                  const struct kn_step *step, int nsplit, float *partial,
-                                  int *counters, float *out, cudaStream_t s)
-{
-    const int G = g->nheads / g->nkv;
-    if (g->head_dim > 32 * DEC_MAX_DPL || G > 32)
-        return -EINVAL;
-    return kn_launch_pdl("attn_decode", attn_decode_kernel, dim3(g->nkv, nsplit), dim3(32 * G), 0,
-                         s, q, reinterpret_cast<const __half *>(kc),
-                         reinterpret_cast<const __half *>(vc), sinks, *g, step, nsplit, partial,
-                         counters, out);
-}
 
 /* ------------------------------------------------------------ prefill */
 

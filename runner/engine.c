@@ -1,9 +1,12 @@
 /* engine.c — the gpt-oss forward pass on the GPU: rn_engine_* of runner.h.
  *
- * Decode (one token): fused memory-bound kernels from kernels/llm*.cu,
- * five launches per layer, all reading the token id and position from
- * device memory, so the resident step is captured once as a CUDA graph and
- * replayed. Prefill (n tokens, in chunks): cuBLAS GEMMs (fp16 in, fp32 out)
+ * Decode (one token): the memory-bound kernels of kernels/llm_gemv.cu, all
+ * reading the token id and position from device memory. Resident, every
+ * layer runs in one persistent kernel (phases between grid-wide barriers)
+ * and the step is captured once as a CUDA graph and replayed; the 24 GB mode
+ * launches each layer's five steps, the host choosing expert slots between
+ * routing and the expert GEMVs. Both use one work split and give the same
+ * bits. Prefill (n tokens, in chunks): cuBLAS GEMMs (fp16 in, fp32 out)
  * for the projections and for each expert's grouped tokens, tensor-core
  * attention, and small fused kernels between them.
  *
@@ -181,22 +184,24 @@ static int decode_body(struct rn_engine *e)
     cudaStream_t st = e->st;
     if (e->embed)
         TRY(kn_llm_embed_decode(e->embed, H, e->d_step, e->x, st));
-    for (int l = 0; l < c->nlayers; l++) {
+    if (e->persistent)
+        TRY(kn_llm_decode_layers(&e->dargs, st));
+    for (int l = 0; !e->persistent && l < c->nlayers; l++) {
         struct eng_layer *L = &e->L[l];
         const struct kn_attn_geom g = geom(e, l);
         TRY(kn_llm_qkv_decode(e->x, L->attn_norm, c->rms_eps, L->wqkv, L->bqkv, H, &g, e->rope,
                               e->d_step, e->q, L->kc, L->vc, st));
-        TRY(kn_llm_attn_decode(e->q, L->kc, L->vc, L->sinks, &g, e->d_step, e->nsplit,
+        TRY(kn_llm_attn_decode(e->q, L->kc, L->vc, L->sinks, &g, e->d_step, e->plan.nsplit,
                                e->attn_partial, e->attn_counters, e->attn, st));
         TRY(kn_llm_oproj_route(L->wo, L->bo, H, Q, e->attn, e->x, L->mlp_norm, c->rms_eps,
                                L->wr, L->br, E, K, e->hn, e->ids, e->wts, e->or_counter, st));
         struct kn_expert_src gu = {L->gate_up, NULL}, dn = {L->down, NULL};
         if (!e->resident)
             TRY(eng_cache_decode_prepare(e, l, &gu, &dn));
-        TRY(kn_llm_moe_gate_up_decode(e->hn, gu, L->gate_up_b, e->ids, H, I, K, e->ks_gu,
+        TRY(kn_llm_moe_gate_up_decode(e->hn, gu, L->gate_up_b, e->ids, H, I, K, e->plan.ks_gu,
                                       c->swiglu_limit, c->swiglu_alpha, e->moe_partial,
                                       e->gu_counters, e->act, st));
-        TRY(kn_llm_moe_down_decode(e->act, dn, L->down_b, e->ids, e->wts, I, H, K, e->ks_dn,
+        TRY(kn_llm_moe_down_decode(e->act, dn, L->down_b, e->ids, e->wts, I, H, K, e->plan.ks_dn,
                                    e->moe_partial, e->dn_counters, e->x, st));
         if (!e->resident)
             TRY(eng_cache_decode_done(e, l));
@@ -392,6 +397,73 @@ static int check_dims(const struct rn_config *c)
     return 0;
 }
 
+/* The decode step's work split (kn_llm_decode_plan) for this card, and
+ * whether a resident step may run as one persistent kernel: cooperative
+ * launches must be supported. BNBFS_DECODE=kernels keeps the per-step
+ * launches; BNBFS_DECODE_BPS=N caps the persistent grid at N blocks a
+ * multiprocessor (both to compare). */
+static int decode_plan(struct rn_engine *e, const struct cudaDeviceProp *prop)
+{
+    const struct rn_config *c = &e->c;
+    const char *bps = getenv("BNBFS_DECODE_BPS");
+    const int max_bps = bps && atoi(bps) > 0 ? atoi(bps) : 32;
+    if (kn_llm_decode_plan(e->nsm, max_bps, c->hidden, c->intermediate, c->nexperts, c->topk,
+                           c->nheads, c->head_dim, &e->plan)) {
+        dq_log(DQ_LOG_ERROR, ENG_TAG, "unsupported model shape for the decode kernels");
+        return -ENOTSUP;
+    }
+    const char *mode = getenv("BNBFS_DECODE");
+    e->persistent = e->plan.blocks > 0 && prop->cooperativeLaunch &&
+                    !(mode && strcmp(mode, "kernels") == 0);
+    return 0;
+}
+
+/* The persistent kernel's arguments: every layer's resident weights (the
+ * 24 GB mode does not use it: its experts are not resident). */
+static int decode_args(struct rn_engine *e)
+{
+    const struct rn_config *c = &e->c;
+    e->persistent = e->persistent && e->resident;
+    if (!e->persistent) {
+        dq_log(DQ_LOG_INFO, ENG_TAG, "decode: one launch per layer step, expert splits %d/%d, "
+               "attention splits %d", e->plan.ks_gu, e->plan.ks_dn, e->plan.nsplit);
+        return 0;
+    }
+    struct kn_decode_layer *hl = calloc((size_t)c->nlayers, sizeof *hl);
+    if (!hl)
+        return -ENOMEM;
+    for (int l = 0; l < c->nlayers; l++) {
+        const struct eng_layer *L = &e->L[l];
+        hl[l] = (struct kn_decode_layer){
+            .wqkv = L->wqkv, .bqkv = L->bqkv, .wo = L->wo, .bo = L->bo, .sinks = L->sinks,
+            .attn_norm = L->attn_norm, .mlp_norm = L->mlp_norm, .wr = L->wr, .br = L->br,
+            .gate_up = L->gate_up, .down = L->down, .gate_up_b = L->gate_up_b,
+            .down_b = L->down_b, .kc = L->kc, .vc = L->vc,
+            .window = c->sliding[l] ? c->sliding_window : 0,
+        };
+    }
+    cudaError_t ce = cudaMemcpy(e->d_layers, hl, (size_t)c->nlayers * sizeof *hl,
+                                cudaMemcpyHostToDevice);
+    free(hl);
+    if (ce != cudaSuccess)
+        return eng_cuda_fail(ce, "cudaMemcpy(decode layers)", __FILE__, __LINE__);
+    struct kn_attn_geom g = geom(e, 0);
+    g.window = 0;
+    e->dargs = (struct kn_decode_args){
+        .layers = e->d_layers, .nlayers = c->nlayers, .H = c->hidden, .I = c->intermediate,
+        .E = c->nexperts, .topk = c->topk, .g = g, .eps = c->rms_eps, .limit = c->swiglu_limit,
+        .alpha = c->swiglu_alpha, .rope = e->rope, .step = e->d_step, .x = e->x, .q = e->q,
+        .attn = e->attn, .act = e->act, .rlogits = e->rlogits, .attn_partial = e->attn_partial,
+        .moe_partial = e->moe_partial, .attn_counters = e->attn_counters,
+        .gu_counters = e->gu_counters, .dn_counters = e->dn_counters, .barrier = e->barrier,
+        .plan = e->plan,
+    };
+    dq_log(DQ_LOG_INFO, ENG_TAG, "decode: one persistent kernel a token, %d blocks (%d a "
+           "multiprocessor), expert splits %d/%d, attention splits %d", e->plan.blocks,
+           e->plan.blocks / e->nsm, e->plan.ks_gu, e->plan.ks_dn, e->plan.nsplit);
+    return 0;
+}
+
 static int engine_init(struct rn_engine *e)
 {
     const struct rn_config *c = &e->c;
@@ -428,10 +500,7 @@ static int engine_init(struct rn_engine *e)
     }
     e->max_ctx = ctx;
     e->chunk = ctx < 2048 ? ctx : 2048;
-    e->nsplit = e->nsm / c->nkv;
-    e->nsplit = e->nsplit < 1 ? 1 : e->nsplit > 32 ? 32 : e->nsplit;
-    e->ks_gu = kn_llm_moe_ksplit(c->hidden, 2 * c->intermediate, c->topk, e->nsm, 0);
-    e->ks_dn = kn_llm_moe_ksplit(c->intermediate, c->hidden, c->topk, e->nsm, 1);
+    TRY(decode_plan(e, &prop));
 
     e->L = calloc((size_t)c->nlayers, sizeof *e->L);
     if (!e->L)
@@ -449,6 +518,7 @@ static int engine_init(struct rn_engine *e)
         return blas_fail(bs, "set stream");
 
     TRY(eng_plan_and_alloc(e));
+    TRY(decode_args(e));
     e->npf = e->resident ? ENG_PF_STREAMS : 1;
     CU(cudaEventCreateWithFlags(&e->ev_fork, cudaEventDisableTiming));
     for (int i = 0; i < e->npf; i++) {

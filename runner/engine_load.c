@@ -107,14 +107,19 @@ static void layout(struct rn_engine *e, bool with_experts, bool embed_on_gpu, in
     ALLOC(e->hfin, H);
     ALLOC(e->logits, V);
     ALLOC(e->ids, K);
-    ALLOC(e->attn_partial, (size_t)c->nheads * e->nsplit * (hd + 2));
-    size_t pf = kn_llm_moe_partial_floats(2 * c->intermediate, c->topk, e->ks_gu);
-    size_t pd = kn_llm_moe_partial_floats(c->hidden, c->topk, e->ks_dn);
+    ALLOC(e->attn_partial, (size_t)c->nheads * e->plan.nsplit * (hd + 2));
+    size_t pf = kn_llm_moe_partial_floats(2 * c->intermediate, c->topk, e->plan.ks_gu, 0);
+    size_t pd = kn_llm_moe_partial_floats(c->hidden, c->topk, e->plan.ks_dn, 1);
     ALLOC(e->moe_partial, pf > pd ? pf : pd);
-    ALLOC(e->attn_counters, (size_t)c->nkv);
-    ALLOC(e->gu_counters, kn_llm_moe_counters(2 * c->intermediate));
-    ALLOC(e->dn_counters, kn_llm_moe_counters(c->hidden));
+    ALLOC(e->attn_counters, (size_t)c->nheads);
+    ALLOC(e->gu_counters, kn_llm_moe_counters(2 * c->intermediate, c->topk, 0));
+    ALLOC(e->dn_counters, kn_llm_moe_counters(c->hidden, c->topk, 1));
     ALLOC(e->or_counter, 1);
+    /* the persistent decode kernel (laid out in both modes, so the 24 GB
+     * mode's base is the resident layout less the experts) */
+    ALLOC(e->rlogits, E);
+    ALLOC(e->barrier, 1);
+    ALLOC(e->d_layers, (size_t)c->nlayers);
     ALLOC(e->d_wptr, (size_t)c->nlayers * 2 * K);
     /* prefill */
     ALLOC(e->d_tok, C);
@@ -198,7 +203,7 @@ int eng_plan_and_alloc(struct rn_engine *e)
     }
     layout(e, e->resident, e->resident, nslots);
     /* Zeroed once: attention never reads unwritten cache rows, and the
-     * last-block counters must start at zero. */
+     * last-arrival counters and the grid barrier must start at zero. */
     CU(cudaMemset(e->pool, 0, e->pool_bytes));
     dq_log(DQ_LOG_INFO, ENG_TAG, "%s: %s, %.2f GiB on the GPU (budget %.2f GiB, card free "
            "%.2f of %.2f GiB)", e->dev_name, e->resident ? "all weights resident" : "24 GB mode",

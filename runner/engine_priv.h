@@ -1,6 +1,7 @@
 /* engine_priv.h — private to runner/engine*.c: the engine's state.
  *
- * engine.c       forward pass orchestration (decode graph, prefill GEMMs)
+ * engine.c       forward pass orchestration (decode: the persistent kernel or
+ *                per-step launches, captured as a graph; prefill GEMMs)
  * engine_load.c  memory plan (what is resident under the VRAM budget) and
  *                the parallel upload of the weights
  * engine_cache.c the 24 GB mode: expert slots on the GPU, misses copied from
@@ -93,7 +94,15 @@ struct rn_engine {
     int *ids;                   /* [topk] */
     float *attn_partial, *moe_partial;
     int *attn_counters, *gu_counters, *dn_counters, *or_counter;
-    int nsplit, ks_gu, ks_dn;
+    struct kn_decode_plan plan; /* work splits, shared by both decode drivers */
+    /* Resident decode runs every layer in one persistent kernel
+     * (kn_llm_decode_layers) unless BNBFS_DECODE=kernels; the 24 GB mode
+     * launches the layer's steps one by one (same plan, same bits). */
+    bool persistent;
+    struct kn_decode_layer *d_layers;   /* device [nlayers] */
+    float *rlogits;             /* device [E] */
+    unsigned *barrier;          /* device; the persistent kernel's grid barrier */
+    struct kn_decode_args dargs;
     float *h_logits;            /* pinned [V] */
     float *h_x;                 /* pinned [chunk, H]: embedding rows from the host */
     int *h_ids;                 /* pinned [topk] */

@@ -3,6 +3,7 @@
 
     tests/bench/bench_runner.py --build BUILD --full DIR [--stages S,S,...]
                                 [--results tests/bench/RESULTS.md] [--out DIR]
+                                [--base-build OTHER_BUILD]
 
 On the GPU machine, one card, with the full-size fixture (real gpt-oss-20b
 shapes, random weights; generated into DIR by tests/fixtures/gen_fixture.py
@@ -19,6 +20,10 @@ shapes, random weights; generated into DIR by tests/fixtures/gen_fixture.py
                that many bytes allow over PCIe 4 x16 (25 GB/s, an RTX 3090)
   transformers GptOssForCausalLM (fp16, eager attention) on the same mount and
                card: the same decode and prefill shapes
+  kernels, bps2, nopdl  resident decode with BNBFS_DECODE=kernels (one launch
+               per layer step), BNBFS_DECODE_BPS=2, BNBFS_PDL=0 (comparisons)
+  base         resident decode of the build given by --base-build (the code
+               before a change), same run and card
 Prints a table and appends it with the card's name and the date to --results;
 raw numbers go to OUT/bench_runner.json. Every stage that fails is reported
 as such; the others still run.
@@ -110,8 +115,9 @@ def stage_cold(a, res):
     res["cold"] = out
 
 
-def driver_bench(a, *extra, env=None, prefill=True):
-    cmd = [a.build / "runner" / "llm-driver", a.mnt, "--bench-decode", "128:256", "--progress"]
+def driver_bench(a, *extra, env=None, prefill=True, build=None):
+    cmd = [(build or a.build) / "runner" / "llm-driver", a.mnt, "--bench-decode", "128:256",
+           "--progress"]
     if prefill:
         cmd += ["--bench-prefill", 2048]
     log("$ " + " ".join(str(c) for c in cmd + list(extra)) + (f"  (env {env})" if env else ""))
@@ -135,6 +141,27 @@ def stage_budget(a, res):
 def stage_nopdl(a, res):
     """Resident decode without programmatic dependent launch (comparison)."""
     res["nopdl"] = driver_bench(a, "--repeat", 3, env={"BNBFS_PDL": "0"}, prefill=False)
+
+
+def stage_kernels(a, res):
+    """Resident decode with one launch per layer step (BNBFS_DECODE=kernels)
+    instead of the persistent kernel (comparison)."""
+    res["kernels"] = driver_bench(a, "--repeat", 3, env={"BNBFS_DECODE": "kernels"},
+                                  prefill=False)
+
+
+def stage_bps2(a, res):
+    """Resident decode with the persistent kernel at 2 blocks a
+    multiprocessor (BNBFS_DECODE_BPS=2; comparison)."""
+    res["bps2"] = driver_bench(a, "--repeat", 3, env={"BNBFS_DECODE_BPS": "2"}, prefill=False)
+
+
+def stage_base(a, res):
+    """Resident decode of another build (--base-build: e.g. the commit before
+    a change), in the same run on the same card."""
+    if not a.base_build:
+        raise RuntimeError("--base-build not given")
+    res["base"] = driver_bench(a, "--repeat", 3, prefill=False, build=a.base_build)
 
 
 def stage_stream(a, res):
@@ -225,6 +252,14 @@ def table(res, card):
             mpt = B["decode_moved_per_token"]
             add("--vram-budget 24G bytes moved per decode token", f"{mpt / 1e9:.2f} GB")
             add("PCIe 4 x16 (25 GB/s) bound for that traffic", f"{PCIE4 / mpt:.1f} tok/s")
+    for key, what in (("kernels", "one launch per layer step (BNBFS_DECODE=kernels)"),
+                      ("bps2", "persistent kernel at 2 blocks a multiprocessor "
+                               "(BNBFS_DECODE_BPS=2)"),
+                      ("base", "build before the change (--base-build)")):
+        X = res.get(key) or {}
+        if X and R:
+            add(f"decode, resident, {what}",
+                f"{X['decode_tok_s']:.1f} tok/s = {X['decode_tok_s'] / roof:.0%} of the roofline")
     N = res.get("nopdl") or {}
     if N:
         add("decode, resident, without programmatic dependent launch (BNBFS_PDL=0)",
@@ -276,8 +311,11 @@ def main():
     ap.add_argument("--stages", default="cold,resident,budget,transformers")
     ap.add_argument("--results", type=pathlib.Path, default=ROOT / "tests" / "bench" / "RESULTS.md")
     ap.add_argument("--out", type=pathlib.Path, default=pathlib.Path("."))
+    ap.add_argument("--base-build", type=pathlib.Path,
+                    help="another build dir whose llm-driver the 'base' stage times")
     a = ap.parse_args()
     a.build = a.build.resolve()
+    a.base_build = a.base_build.resolve() if a.base_build else None
     a.mnt = (a.mnt or a.full / "mnt").resolve()
     a.out.mkdir(parents=True, exist_ok=True)
     if not (a.full / "src" / "config.json").exists():
@@ -291,7 +329,8 @@ def main():
     res = {"card": card, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
            "failed": {}}
     stages = {"cold": stage_cold, "resident": stage_resident, "budget": stage_budget,
-              "transformers": stage_transformers, "nopdl": stage_nopdl, "stream": stage_stream}
+              "transformers": stage_transformers, "nopdl": stage_nopdl, "stream": stage_stream,
+              "kernels": stage_kernels, "bps2": stage_bps2, "base": stage_base}
     p = None
     for st in a.stages.split(","):
         try:

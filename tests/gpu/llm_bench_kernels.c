@@ -1,8 +1,9 @@
 /* llm_bench_kernels.c — times each decode kernel of kernels/llm*.cu alone at
  * gpt-oss-20b shapes on random fp16 weights, in bytes read per second, next
- * to the card's copy bandwidth; and times the ways of getting pinned host
- * memory for the 24 GB mode's expert mirror. A diagnostic for the runner
- * benchmark (tests/bench/NOTES-engine.md), not a test.
+ * to the card's copy bandwidth; the persistent decode kernel over 8 layers
+ * (time a layer); and the ways of getting pinned host memory for the 24 GB
+ * mode's expert mirror. A diagnostic for the runner benchmark
+ * (tests/bench/NOTES-engine.md), not a test.
  *
  *   llm-bench-kernels [--pin-gib N]
  * Weights rotate over copies larger than the L2 cache, so every launch
@@ -104,15 +105,21 @@ static double time_kernel(launch_fn fn, void *ctx, int ncopies, cudaStream_t s)
 /* gpt-oss-20b */
 enum { H = 2880, I = 2880, E = 32, K = 4, NH = 64, NKV = 8, HD = 64, V = 201088, NCOPY = 8 };
 
+/* counters: gate_up from 0, down from CT_DN, o_proj + route at CT_OR */
+enum { CT_DN = 1024, CT_OR = 2048, NCOUNT = 2056, NL = 8 };
+
 struct ctx {
     cudaStream_t s;
     kn_half *wqkv[NCOPY], *wo[NCOPY], *wr[NCOPY], *gu[2], *dn[2], *lm;
     float *bqkv, *bo, *br, *gub, *dnb, *norm, *sinks, *rope;
-    float *x, *q, *attn, *hn, *act, *wts, *logits, *partial, *apartial;
+    float *x, *q, *attn, *hn, *act, *wts, *logits, *partial, *apartial, *rlogits;
     int *ids, *counters, *acounters;
+    unsigned *barrier;
     kn_half *kc, *vc;
     struct kn_step *step;
     struct kn_attn_geom g;
+    struct kn_decode_plan plan;
+    struct kn_decode_args dargs;
     int ks_gu, ks_dn, nsplit, nsm;
 };
 
@@ -137,7 +144,7 @@ static int k_oroute(void *v, int c)
 {
     struct ctx *x = v;
     return kn_llm_oproj_route(x->wo[c], x->bo, H, NH * HD, x->attn, x->x, x->norm, 1e-5f,
-                              x->wr[c], x->br, E, K, x->hn, x->ids, x->wts, x->counters + 200,
+                              x->wr[c], x->br, E, K, x->hn, x->ids, x->wts, x->counters + CT_OR,
                               x->s);
 }
 static int k_gu(void *v, int c)
@@ -152,7 +159,7 @@ static int k_dn(void *v, int c)
     struct ctx *x = v;
     struct kn_expert_src src = {x->dn[c & 1], NULL};
     return kn_llm_moe_down_decode(x->act, src, x->dnb, x->ids, x->wts, I, H, K, x->ks_dn,
-                                  x->partial, x->counters + 128, x->x, x->s);
+                                  x->partial, x->counters + CT_DN, x->x, x->s);
 }
 static int k_lm(void *v, int c)
 {
@@ -166,6 +173,12 @@ static int k_attn(void *v, int c)
     (void)c;
     return kn_llm_attn_decode(x->q, x->kc, x->vc, x->sinks, &x->g, x->step, x->nsplit,
                               x->apartial, x->acounters, x->attn, x->s);
+}
+static int k_layers(void *v, int c)
+{
+    struct ctx *x = v;
+    (void)c;
+    return kn_llm_decode_layers(&x->dargs, x->s);
 }
 static int k_norm(void *v, int c)
 {
@@ -225,16 +238,25 @@ int main(int argc, char **argv)
     x.act = dev_f32((size_t)K * I, 0.1f);
     x.wts = dev_f32(K, 0.25f);
     x.logits = dev_f32(V, 0);
-    x.ks_gu = kn_llm_moe_ksplit(H, 2 * I, K, x.nsm, 0);
-    x.ks_dn = kn_llm_moe_ksplit(I, H, K, x.nsm, 1);
-    x.partial = dev_f32(kn_llm_moe_partial_floats(2 * I, K, x.ks_gu) +
-                        kn_llm_moe_partial_floats(H, K, x.ks_dn), 0);
-    x.nsplit = x.nsm / NKV > 32 ? 32 : x.nsm / NKV;
+    const char *bps = getenv("BNBFS_DECODE_BPS");
+    if (kn_llm_decode_plan(x.nsm, bps && atoi(bps) > 0 ? atoi(bps) : 32, H, I, E, K, NH, HD,
+                           &x.plan))
+        return 1;
+    x.ks_gu = x.plan.ks_gu;
+    x.ks_dn = x.plan.ks_dn;
+    x.partial = dev_f32(kn_llm_moe_partial_floats(2 * I, K, x.ks_gu, 0) +
+                        kn_llm_moe_partial_floats(H, K, x.ks_dn, 1), 0);
+    x.nsplit = x.plan.nsplit;
     x.apartial = dev_f32((size_t)NH * x.nsplit * (HD + 2), 0);
-    CK(cudaMalloc((void **)&x.counters, 256 * sizeof(int)));
-    CK(cudaMemset(x.counters, 0, 256 * sizeof(int)));
-    CK(cudaMalloc((void **)&x.acounters, NKV * sizeof(int)));
-    CK(cudaMemset(x.acounters, 0, NKV * sizeof(int)));
+    x.rlogits = dev_f32(E, 0);
+    if (kn_llm_moe_counters(2 * I, K, 0) > CT_DN || kn_llm_moe_counters(H, K, 1) > CT_OR - CT_DN)
+        return 1;
+    CK(cudaMalloc((void **)&x.counters, NCOUNT * sizeof(int)));
+    CK(cudaMemset(x.counters, 0, NCOUNT * sizeof(int)));
+    CK(cudaMalloc((void **)&x.acounters, NH * sizeof(int)));
+    CK(cudaMemset(x.acounters, 0, NH * sizeof(int)));
+    CK(cudaMalloc((void **)&x.barrier, sizeof(unsigned)));
+    CK(cudaMemset(x.barrier, 0, sizeof(unsigned)));
     int hids[K] = {3, 17, 9, 28};
     CK(cudaMalloc((void **)&x.ids, sizeof hids));
     CK(cudaMemcpy(x.ids, hids, sizeof hids, cudaMemcpyHostToDevice));
@@ -242,6 +264,24 @@ int main(int argc, char **argv)
     x.vc = dev_random((size_t)NKV * ctxlen * HD * 2, 91);
     x.g = (struct kn_attn_geom){NH, NKV, HD, ctxlen, 0, 0.125f};
     CK(cudaMalloc((void **)&x.step, sizeof *x.step));
+    /* The persistent kernel over NL layers, each with its own attention,
+     * router and o_proj weights and one of two expert stacks. */
+    struct kn_decode_layer hl[NL];
+    for (int l = 0; l < NL; l++)
+        hl[l] = (struct kn_decode_layer){
+            .wqkv = x.wqkv[l % NCOPY], .bqkv = x.bqkv, .wo = x.wo[l % NCOPY], .bo = x.bo,
+            .sinks = x.sinks, .attn_norm = x.norm, .mlp_norm = x.norm, .wr = x.wr[l % NCOPY],
+            .br = x.br, .gate_up = x.gu[l & 1], .down = x.dn[l & 1], .gate_up_b = x.gub,
+            .down_b = x.dnb, .kc = x.kc, .vc = x.vc, .window = 0};
+    struct kn_decode_layer *dl;
+    CK(cudaMalloc((void **)&dl, sizeof hl));
+    CK(cudaMemcpy(dl, hl, sizeof hl, cudaMemcpyHostToDevice));
+    x.dargs = (struct kn_decode_args){
+        .layers = dl, .nlayers = NL, .H = H, .I = I, .E = E, .topk = K, .g = x.g, .eps = 1e-5f,
+        .limit = 7.f, .alpha = 1.702f, .rope = x.rope, .step = x.step, .x = x.x, .q = x.q,
+        .attn = x.attn, .act = x.act, .rlogits = x.rlogits, .attn_partial = x.apartial,
+        .moe_partial = x.partial, .attn_counters = x.acounters, .gu_counters = x.counters,
+        .dn_counters = x.counters + CT_DN, .barrier = x.barrier, .plan = x.plan};
 
     /* copy bandwidth */
     void *a, *b;
@@ -265,8 +305,8 @@ int main(int argc, char **argv)
     cudaFree(a);
     cudaFree(b);
     printf("{\"device\": \"%s\", \"copy_rw_Bps\": %.4e, \"ks_gu\": %d, \"ks_dn\": %d, "
-           "\"nsplit\": %d, \"kernels\": {", prop.name, 2.0 * cb / best, x.ks_gu, x.ks_dn,
-           x.nsplit);
+           "\"nsplit\": %d, \"blocks\": %d, \"kernels\": {", prop.name, 2.0 * cb / best,
+           x.ks_gu, x.ks_dn, x.nsplit, x.plan.blocks);
     struct kn_step st = {1, 255};
     CK(cudaMemcpy(x.step, &st, sizeof st, cudaMemcpyHostToDevice));
     struct { const char *name; launch_fn fn; int ncopy; double bytes; } ks[] = {
@@ -289,6 +329,14 @@ int main(int argc, char **argv)
             sum += t;
         if (i == 0)
             sum += t;
+    }
+    if (x.plan.blocks > 0) {
+        /* bytes of a layer: q/k/v, o_proj, router, 4 experts (KV at 256
+         * positions is noise) */
+        const double lb = ((double)QKV * H + (double)H * NH * HD + (double)E * H +
+                           4.0 * (H * 2.0 * I + (double)I * H)) * 2;
+        double tl = time_kernel(k_layers, &x, 1, x.s) / NL;
+        printf(", \"decode_layer\": {\"us\": %.2f, \"GBps\": %.1f}", tl * 1e6, lb / tl / 1e9);
     }
     st.pos = 8191;
     CK(cudaMemcpy(x.step, &st, sizeof st, cudaMemcpyHostToDevice));
