@@ -317,7 +317,8 @@ struct fusep {
  * shared-memory store; a warp writes consecutive words of one tile row, so
  * no bank conflicts. Store phase: each warp writes 512 consecutive bytes of
  * the tile's output rows with 16-byte stores. Unaligned shapes (odd R, a
- * band not 32-aligned) load element by element. */
+ * band not 32-aligned) load element by element. Aligned shapes go to
+ * k_deq4_fuse_rt instead (below); this kernel serves the rest. */
 template <int OUT>
 __global__ void __launch_bounds__(FT_THREADS)
 k_deq4_fuse_t(q4p q, fusep f, void *dst, kn_counters *cnt)
@@ -418,7 +419,7 @@ k_deq4_fuse_t(q4p q, fusep f, void *dst, kn_counters *cnt)
 
 constexpr int RT_THREADS = 128;
 constexpr int RT_WARPS = RT_THREADS / 32;
-constexpr int RT_PIPE_BLOCKS_PER_SM = 2;   /* persistent grid of the "pipe" variant */
+constexpr int RT_LPG = 2;   /* lanes per group of source rows (1 and 4 were slower) */
 
 /* One plain 16-byte global store; p is 16-byte aligned. (Written as a
  * uint4 assignment, nvcc split some of these stores into four 4-byte ones.) */
@@ -428,8 +429,9 @@ __device__ __forceinline__ void st16(void *p, uint4 v)
                  "r"(v.z), "r"(v.w));
 }
 
-/* Where the warps of k_deq4_fuse_rt work: warp tiles of LPG 32-column groups
- * (output rows r) x 32/LPG groups of VEC source rows (output columns c). */
+/* Where the warps of k_deq4_fuse_rt work: warp tiles of RT_LPG 32-column
+ * groups (output rows r) x 32/RT_LPG groups of VEC source rows (output
+ * columns c). */
 struct rtp {
     uint64_t g0;    /* first 32-column group, rb + 32 * floor((r0 - rb) / 32) */
     uint64_t ng;    /* 32-column groups from g0 that reach into [r0, r1) */
@@ -449,14 +451,14 @@ template <int OUT> struct rt_in {
 };
 
 /* Lane `lane` of warp tile `tile`: its first source row c0 and group g;
- * false when the lane falls past C or past the rows. Adjacent LPG lanes
+ * false when the lane falls past C or past the rows. Adjacent RT_LPG lanes
  * share the source rows and take consecutive groups. */
-template <int OUT, int LPG>
+template <int OUT>
 __device__ __forceinline__ bool rt_where(const rtp &w, uint64_t tile, int lane, uint64_t &c0,
                                          uint64_t &g)
 {
     const uint64_t wr = tile / w.wtc, wc = tile - wr * w.wtc;
-    const uint64_t cg = wc * (32 / LPG) + lane / LPG, rg = wr * LPG + lane % LPG;
+    const uint64_t cg = wc * (32 / RT_LPG) + lane / RT_LPG, rg = wr * RT_LPG + lane % RT_LPG;
     c0 = cg * rt_in<OUT>::VEC;
     g = w.g0 + 32 * rg;
     return cg < w.ncg && rg < w.ng;
@@ -576,11 +578,11 @@ __device__ __forceinline__ void rt_tile(const q4p &q, const fusep &f, const rt_i
  * 32 columns (one 16-byte code load per row) and transposes in registers:
  * output row r's VEC values are one 16-byte store. No barrier, no shared
  * stores or reloads; the table and the nested map are read from shared
- * memory. A warp-wide code load covers 32/LPG rows x 16*LPG bytes, a
- * warp-wide store LPG output rows x 512/LPG bytes. With PF, each warp
- * loads its next tile (codes and first-level scales) before computing the
- * current one; the grid is then persistent (RT_PIPE_BLOCKS_PER_SM). */
-template <int OUT, int LPG, bool PF>
+ * memory. A warp-wide code load covers 16 rows x 32 bytes (whole sectors),
+ * a warp-wide store 2 output rows x 256 bytes. Against the tiled kernel
+ * this halves the instructions per value and removes both barriers per
+ * tile (tests/bench/NOTES-kernels.md, "FUSE_T v4"). */
+template <int OUT>
 __global__ void __launch_bounds__(RT_THREADS)
 k_deq4_fuse_rt(q4p q, fusep f, rtp w, void *dst, kn_counters *cnt)
 {
@@ -595,30 +597,13 @@ k_deq4_fuse_rt(q4p q, fusep f, rtp w, void *dst, kn_counters *cnt)
     __syncthreads();
     unsigned sat = 0;
     const uint64_t stride = (uint64_t)gridDim.x * RT_WARPS;
-    uint64_t tile = (uint64_t)blockIdx.x * RT_WARPS + (t >> 5), c0 = 0, g = 0;
-    rt_in<OUT> cur;
-    if constexpr (PF) {
-        bool act = tile < w.nwt && rt_where<OUT, LPG>(w, tile, lane, c0, g);
-        if (act)
-            rt_load<OUT>(q, f, c0, g, cur);
-        for (; tile < w.nwt; tile += stride) {
-            rt_in<OUT> nxt = cur;
-            uint64_t nc0 = 0, ngr = 0;
-            const bool nact = tile + stride < w.nwt &&
-                              rt_where<OUT, LPG>(w, tile + stride, lane, nc0, ngr);
-            if (nact)
-                rt_load<OUT>(q, f, nc0, ngr, nxt);
-            if (act)
-                rt_tile<OUT>(q, f, cur, c0, g, tab, smap, dst, cnt, sat);
-            cur = nxt, act = nact, c0 = nc0, g = ngr;
+    uint64_t c0 = 0, g = 0;
+    rt_in<OUT> in;
+    for (uint64_t tile = (uint64_t)blockIdx.x * RT_WARPS + (t >> 5); tile < w.nwt; tile += stride)
+        if (rt_where<OUT>(w, tile, lane, c0, g)) {
+            rt_load<OUT>(q, f, c0, g, in);
+            rt_tile<OUT>(q, f, in, c0, g, tab, smap, dst, cnt, sat);
         }
-    } else {
-        for (; tile < w.nwt; tile += stride)
-            if (rt_where<OUT, LPG>(w, tile, lane, c0, g)) {
-                rt_load<OUT>(q, f, c0, g, cur);
-                rt_tile<OUT>(q, f, cur, c0, g, tab, smap, dst, cnt, sat);
-            }
-    }
     flush_sat(cnt, sat);
 }
 
@@ -795,73 +780,42 @@ int launch_deq4_flat(const q4p &p, uint64_t k0, uint64_t n, int out, void *dst, 
     return 0;
 }
 
-/* FUSE_T kernel variants, chosen by BNBFS_KN_FUSE_T until one is verified
- * on a GPU: v2 (the tiled kernel, default), rt1/rt (rt2)/rt4 (register-
- * transposed, 1/2/4 lanes per row group), pipe (rt2 with a persistent grid
- * and the next tile's loads issued before the current tile's arithmetic).
- * Shapes the rt kernel does not take (not .fast or not .vstore) use v2. */
-enum : int { FT_V2 = 0, FT_RT1, FT_RT2, FT_RT4, FT_PIPE };
-
-int fuse_t_variant(void)
-{
-    static int v = -1;
-    if (v < 0) {
-        const char *e = getenv("BNBFS_KN_FUSE_T");
-        v = !e ? FT_V2 : !strcmp(e, "rt1") ? FT_RT1 : !strcmp(e, "rt") || !strcmp(e, "rt2") ? FT_RT2
-          : !strcmp(e, "rt4") ? FT_RT4 : !strcmp(e, "pipe") ? FT_PIPE : FT_V2;
-    }
-    return v;
-}
-
 /* Warp tiles of k_deq4_fuse_rt for rows [r0, r1) (vec: output values per
  * 16-byte store). Every count is below C * R. */
-rtp rt_plan(const fusep &f, uint64_t vec, uint64_t lpg)
+rtp rt_plan(const fusep &f, uint64_t vec)
 {
     rtp w;
     w.g0 = f.rb + (f.r0 - f.rb) / 32 * 32;
     w.ng = (f.r1 - w.g0 + 31) / 32;
     w.ncg = f.C / vec;
-    w.wtc = (w.ncg + 32 / lpg - 1) / (32 / lpg);
-    w.nwt = w.wtc * ((w.ng + lpg - 1) / lpg);
+    w.wtc = (w.ncg + 32 / RT_LPG - 1) / (32 / RT_LPG);
+    w.nwt = w.wtc * ((w.ng + RT_LPG - 1) / RT_LPG);
     return w;
 }
 
-template <int LPG, bool PF>
-int launch_fuse_rt_lpg(const q4p &p, const fusep &f, int out, void *dst, kn_counters *cnt,
-                       cudaStream_t st)
+int launch_fuse_rt(const q4p &p, const fusep &f, int out, void *dst, kn_counters *cnt,
+                   cudaStream_t st)
 {
-    const rtp w = rt_plan(f, out == OUT_F32 ? 4 : 8, LPG);
-    uint64_t blocks = (w.nwt + RT_WARPS - 1) / RT_WARPS;
-    if (PF) {
-        int dev = 0, nsm = 0;
-        KN_CUDA(cudaGetDevice(&dev));
-        KN_CUDA(cudaDeviceGetAttribute(&nsm, cudaDevAttrMultiProcessorCount, dev));
-        const uint64_t cap = (uint64_t)nsm * RT_PIPE_BLOCKS_PER_SM;
-        blocks = blocks < cap ? blocks : cap;
-    }
+    const rtp w = rt_plan(f, out == OUT_F32 ? 4 : 8);
+    const uint64_t blocks = (w.nwt + RT_WARPS - 1) / RT_WARPS;
     const unsigned g = (unsigned)(blocks < 0x7fffffffu ? blocks : 0x7fffffffu); /* grid-stride */
     if (out == OUT_F16)
-        k_deq4_fuse_rt<OUT_F16, LPG, PF><<<g, RT_THREADS, 0, st>>>(p, f, w, dst, cnt);
+        k_deq4_fuse_rt<OUT_F16><<<g, RT_THREADS, 0, st>>>(p, f, w, dst, cnt);
     else if (out == OUT_BF16)
-        k_deq4_fuse_rt<OUT_BF16, LPG, PF><<<g, RT_THREADS, 0, st>>>(p, f, w, dst, cnt);
+        k_deq4_fuse_rt<OUT_BF16><<<g, RT_THREADS, 0, st>>>(p, f, w, dst, cnt);
     else
-        k_deq4_fuse_rt<OUT_F32, LPG, PF><<<g, RT_THREADS, 0, st>>>(p, f, w, dst, cnt);
+        k_deq4_fuse_rt<OUT_F32><<<g, RT_THREADS, 0, st>>>(p, f, w, dst, cnt);
     KN_CUDA(cudaGetLastError());
     return 0;
 }
 
+/* Aligned shapes take the register-transposed kernel; the rest (odd R, a
+ * band or pitch not 32/16-aligned, unaligned output or C) the tiled one. */
 int launch_deq4_fuse_t(const q4p &p, fusep f, int out, void *dst, kn_counters *cnt,
                        cudaStream_t st)
 {
-    if (f.fast && f.vstore) {
-        switch (fuse_t_variant()) {
-        case FT_RT1: return launch_fuse_rt_lpg<1, false>(p, f, out, dst, cnt, st);
-        case FT_RT2: return launch_fuse_rt_lpg<2, false>(p, f, out, dst, cnt, st);
-        case FT_RT4: return launch_fuse_rt_lpg<4, false>(p, f, out, dst, cnt, st);
-        case FT_PIPE: return launch_fuse_rt_lpg<2, true>(p, f, out, dst, cnt, st);
-        default: break;
-        }
-    }
+    if (f.fast && f.vstore)
+        return launch_fuse_rt(p, f, out, dst, cnt, st);
     f.tiles_y = (f.r1 - f.rb + FT_TR - 1) / FT_TR;
     const uint64_t gx = (f.C + FT_TC - 1) / FT_TC;
     const uint64_t gy = f.tiles_y < 65535 ? f.tiles_y : 65535;

@@ -1,21 +1,27 @@
 #!/usr/bin/env bash
-# One GPU-machine session (the `run` tool) for the FUSE_T kernel variants of
-# kernels/dequant.cu (BNBFS_KN_FUSE_T): times each with the kernel benchmark
-# (v2 twice, for the run-to-run spread) and compares its outputs at the
-# benchmark's gpt-oss shapes with v2's (an XXH3 hash of each), verifies each
-# bit for bit with the kernel test program (all variants at once), checks the rt kernel's memory
-# accesses with compute-sanitizer, and profiles the first gate_up F16 launch
-# of v2 and of the fastest other variant with Nsight Compute. The table comes
-# last; logs go to $LOGS, and into $OUT/logs.tgz when OUT is set.
+# One GPU-machine session (the `run` tool) for the FUSE_T kernels of
+# kernels/dequant.cu: times them with the kernel benchmark (the first
+# variant twice, for the run-to-run spread) and compares every output at the
+# benchmark's gpt-oss shapes with the first variant's (an XXH3 hash of each),
+# verifies each variant bit for bit against the CPU with the kernel test
+# program (all at once), checks the last variant's memory accesses with
+# compute-sanitizer, and profiles the first gate_up F16 launch of the first
+# and of the fastest other variant with Nsight Compute. The table comes last;
+# logs go to $LOGS, and into $OUT/logs.tgz when OUT is set.
 #   sh .device/prep.sh && bash tests/gpu/fuse_t_session.sh [BIN_DIR]
 # BIN_DIR holds test_kn_dequant and bench_kn_dequant built for sm_90
-# (default: built here into build-gpu-fuset).
+# (default: built here into build-gpu-fuset). VARIANTS (default "current")
+# are values of BNBFS_KN_FUSE_T, one per run: the committed kernel ignores
+# it; a candidate kernel reads it until verified (as commit 5772855 did,
+# whose run is in tests/bench/NOTES-kernels.md, "FUSE_T v4").
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 LOGS=${LOGS:-/tmp/bnbfs-fuset}
 mkdir -p "$LOGS"
 export LD_LIBRARY_PATH=${LD_LIBRARY_PATH:+$LD_LIBRARY_PATH:}/usr/local/cuda/lib64
-VARIANTS=${VARIANTS:-v2 rt rt1 rt4 pipe}
+VARIANTS=${VARIANTS:-current}
+ref=${VARIANTS%% *}
+last=${VARIANTS##* }
 T_TEST=${T_TEST:-80}
 T_NCU=${T_NCU:-40}
 t0=$(date +%s)
@@ -34,7 +40,7 @@ nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv,noh
   | tee "$LOGS/card.txt"
 
 # 1. timings (nothing else on the GPU meanwhile)
-for v in $VARIANTS v2; do
+for v in $VARIANTS $ref; do
   log="$LOGS/bench_$v.log"
   [ -e "$log" ] && log="$LOGS/bench_${v}_again.log"
   BNBFS_KN_FUSE_T=$v timeout 60 "$bin/bench_kn_dequant" --hash > "$log" 2>&1 || echo "bench $v: rc $?"
@@ -42,25 +48,25 @@ done
 echo "benchmarks done: $(el) s"
 pack
 
-# 2. bit-exactness, every variant at once; memcheck of the rt kernel's
+# 2. bit-exactness, every variant at once; memcheck of the last variant's
 # device ops beside them
 for v in $VARIANTS; do
   ( BNBFS_KN_FUSE_T=$v timeout "$T_TEST" "$bin/test_kn_dequant" > "$LOGS/test_$v.log" 2>&1
     echo $? > "$LOGS/test_$v.rc" ) &
 done
-( BNBFS_KN_FUSE_T=rt timeout "$T_TEST" compute-sanitizer --tool memcheck --print-limit 5 \
-    "$bin/test_kn_dequant" ops_deq4 > "$LOGS/memcheck_rt.log" 2>&1
-  echo $? > "$LOGS/memcheck_rt.rc" ) &
+( BNBFS_KN_FUSE_T=$last timeout "$T_TEST" compute-sanitizer --tool memcheck --print-limit 5 \
+    "$bin/test_kn_dequant" ops_deq4 > "$LOGS/memcheck.log" 2>&1
+  echo $? > "$LOGS/memcheck.rc" ) &
 wait
 echo "tests done: $(el) s"
 pack
 
 # 3. Nsight Compute on one launch (gate_up, F16: the benchmark's first FUSE_T launch)
 gbs() { grep -m1 "RESULT $2 " "$LOGS/bench_$1.log" 2>/dev/null | awk '{print $3}'; }
-best=$(for v in $VARIANTS; do [ "$v" = v2 ] || echo "$(gbs $v fuse_gate_up_f16_gbs) $v"; done \
+best=$(for v in $VARIANTS; do [ "$v" = "$ref" ] || echo "$(gbs $v fuse_gate_up_f16_gbs) $v"; done \
        | sort -rn | head -1 | awk '{print $2}')
 ncu=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda/bin/ncu 2>/dev/null | head -1)
-for v in v2 $best; do
+for v in $ref $best; do
   BNBFS_KN_FUSE_T=$v timeout "$T_NCU" "$ncu" --clock-control none --kernel-name regex:fuse \
     --launch-count 1 --section SpeedOfLight --section MemoryWorkloadAnalysis \
     --section WarpStateStats --section Occupancy --section LaunchStats --section SchedulerStats \
@@ -71,23 +77,22 @@ done
 pack
 
 # 4. summary
-for v in v2 $best; do
+for v in $ref $best; do
   echo "== ncu $v (gate_up F16, one launch)"
   grep -E "^\s+(Duration|DRAM Throughput|Memory Throughput|Compute \(SM\) Throughput|L1/TEX Hit Rate|L2 Hit Rate|Mem Busy|Max Bandwidth|Mem Pipes Busy|Achieved Occupancy|Theoretical Occupancy|Registers Per Thread|Issued Warp Per Scheduler|No Eligible|Active Warps Per Scheduler|Eligible Warps Per Scheduler|Warp Cycles Per Issued Instruction|dram__bytes_read.sum|dram__bytes_write.sum|smsp__inst_executed.sum|l1tex__data_pipe_lsu_wavefronts.sum)\b" \
     "$LOGS/ncu_$v.txt" | sed -E 's/ +/ /g' | head -24
   grep -E "(OPT|WRN) .*(stall|Stall|latency|bandwidth|coalesc|sector)" "$LOGS/ncu_$v.txt" | cut -c1-300 | head -4
 done
-echo "== memcheck rt (test_kn_dequant ops_deq4): rc $(cat "$LOGS/memcheck_rt.rc" 2>/dev/null)" \
-     "$(grep -m1 'ERROR SUMMARY' "$LOGS/memcheck_rt.log")"
-cp=$(gbs v2 d2d_gbs)
-printf '\n%-8s %-30s %8s' variant test copy
+echo "== memcheck $last (test_kn_dequant ops_deq4): rc $(cat "$LOGS/memcheck.rc" 2>/dev/null)" \
+     "$(grep -m1 'ERROR SUMMARY' "$LOGS/memcheck.log")"
+printf '\n%-14s %-30s %8s' variant test copy
 for k in gate_up_f16 gate_up_bf16 gate_up_f32 down_f16 down_bf16 down_f32; do printf ' %13s' "$k"; done
 echo
-for v in $VARIANTS v2_again; do
+for v in $VARIANTS ${ref}_again; do
   tst="$(cat "$LOGS/test_${v%_again}.rc" 2>/dev/null) $(grep -m1 -E 'tests, ' "$LOGS/test_${v%_again}.log" 2>/dev/null)"
-  [ "$v" = v2_again ] && tst="(same binary)"
+  [ "$v" = "${ref}_again" ] && tst="(same binary)"
   c=$(gbs $v d2d_gbs)
-  printf '%-8s %-30s %8s' "$v" "$tst" "$c"
+  printf '%-14s %-30s %8s' "$v" "$tst" "$c"
   for k in gate_up_f16 gate_up_bf16 gate_up_f32 down_f16 down_bf16 down_f32; do
     x=$(gbs $v fuse_${k}_gbs)
     printf ' %7s %4s%%' "$x" "$(awk -v x="$x" -v c="$c" 'BEGIN{if (c > 0 && x != "") printf "%.0f", 100 * x / c}')"
@@ -95,13 +100,13 @@ for v in $VARIANTS v2_again; do
   echo
 done
 echo "(GB/s read + written, % of the same run's device-to-device copy; test: rc and tu summary)"
-for v in $VARIANTS v2_again; do
+for v in $VARIANTS ${ref}_again; do
   same=0 diff=0
   for k in gate_up_f16 gate_up_bf16 gate_up_f32 down_f16 down_bf16 down_f32; do
-    a=$(gbs $v fuse_${k}_xxh3) b=$(gbs v2 fuse_${k}_xxh3)
+    a=$(gbs $v fuse_${k}_xxh3) b=$(gbs $ref fuse_${k}_xxh3)
     if [ -n "$a" ] && [ "$a" = "$b" ]; then same=$((same + 1)); else diff=$((diff + 1)); fi
   done
-  echo "outputs at the benchmark shapes, $v vs v2: $same of 6 hashes equal$([ $diff -gt 0 ] && echo ", $diff DIFFER")"
+  echo "outputs at the benchmark shapes, $v vs $ref: $same of 6 hashes equal$([ $diff -gt 0 ] && echo ", $diff DIFFER")"
 done
 for v in $VARIANTS; do grep -m3 "^FAIL" "$LOGS/test_$v.log" 2>/dev/null | sed "s/^/$v: /"; done
 echo "total: $(el) s"
