@@ -94,10 +94,12 @@ int kn_deq4_flat(const struct kn_q4 *q, uint64_t k0, uint64_t n, enum dq_dtype o
  * q->codes holds a band of columns [rb, re) of every source row, pitched:
  * element (c, r) is in byte  c*pitch + ((c*R + r) >> 1) - ((c*R + rb) >> 1),
  * so a whole weight with R even, uploaded as is, is rb 0, re R, pitch R/2.
- * Needs rb <= r0 < r1 <= re <= R. Tiled through shared memory; 16-byte
- * loads and stores when R % 32 == 0, rb % 32 == 0, pitch % 16 == 0 and the
- * pointers are 16-byte aligned (C a multiple of 8 (F16/BF16) or 4 (F32)
- * for vector stores). q->code_base is not used. */
+ * Needs rb <= r0 < r1 <= re <= R. Aligned shapes (the fast case of
+ * kn_deq4_fuse_t in dequant.cu: R and rb multiples of 32, pitch of 16,
+ * 16-byte aligned pointers, C a multiple of the vector width) transpose in
+ * registers (k_deq4_fuse_rt: 8 source rows x 32 columns a lane, whole
+ * 32-byte code sectors, one 16-byte store per output row segment); the
+ * rest goes through a shared-memory tile. q->code_base is not used. */
 int kn_deq4_fuse_t(const struct kn_q4 *q, uint64_t C, uint64_t R, uint64_t rb, uint64_t re,
                    uint64_t pitch, uint64_t r0, uint64_t r1, enum dq_dtype out, void *dst,
                    struct kn_counters *cnt, kn_stream st);
