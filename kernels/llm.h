@@ -174,6 +174,10 @@ struct kn_decode_args {
     int *attn_counters, *gu_counters, *dn_counters;
     unsigned *barrier;          /* one, zero before the first launch */
     struct kn_decode_plan plan;
+    int moe_pfa;                /* expert GEMVs prefetch a batch of rows ahead into L2
+                                 * (speed only; BNBFS_DECODE_PFA=1 to compare) */
+    uint64_t *phase_ns;         /* NULL, or [1 + 6 * nlayers]: the start, then the end of
+                                 * each layer's six phases (global timer, ns; diagnostic) */
 };
 
 /* Every decoder layer of one decode step in one persistent cooperative

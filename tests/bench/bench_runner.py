@@ -20,10 +20,11 @@ shapes, random weights; generated into DIR by tests/fixtures/gen_fixture.py
                that many bytes allow over PCIe 4 x16 (25 GB/s, an RTX 3090)
   transformers GptOssForCausalLM (fp16, eager attention) on the same mount and
                card: the same decode and prefill shapes
-  kernels, bps2, nopdl  resident decode with BNBFS_DECODE=kernels (one launch
-               per layer step), BNBFS_DECODE_BPS=2, BNBFS_PDL=0 (comparisons)
-  base         resident decode of the build given by --base-build (the code
-               before a change), same run and card
+  kernels, bps2, pfa, nopdl  resident decode with BNBFS_DECODE=kernels (one
+               launch per layer step), BNBFS_DECODE_BPS=2, BNBFS_DECODE_PFA=1,
+               BNBFS_PDL=0 (comparisons)
+  base         resident decode of the builds given by --base-build (e.g. the
+               code before a change), same run and card
 Prints a table and appends it with the card's name and the date to --results;
 raw numbers go to OUT/bench_runner.json. Every stage that fails is reported
 as such; the others still run.
@@ -156,12 +157,21 @@ def stage_bps2(a, res):
     res["bps2"] = driver_bench(a, "--repeat", 3, env={"BNBFS_DECODE_BPS": "2"}, prefill=False)
 
 
+def stage_pfa(a, res):
+    """Resident decode with the expert GEMVs prefetching a batch of rows
+    ahead into L2 (BNBFS_DECODE_PFA=1; comparison)."""
+    res["pfa"] = driver_bench(a, "--repeat", 3, env={"BNBFS_DECODE_PFA": "1"}, prefill=False)
+
+
 def stage_base(a, res):
-    """Resident decode of another build (--base-build: e.g. the commit before
-    a change), in the same run on the same card."""
+    """Resident decode of other builds (--base-build, once or more: e.g. the
+    commit before a change), in the same run on the same card."""
     if not a.base_build:
         raise RuntimeError("--base-build not given")
-    res["base"] = driver_bench(a, "--repeat", 3, prefill=False, build=a.base_build)
+    for i, b in enumerate(a.base_build):
+        key = "base" if i == 0 else f"base{i + 1}"
+        res[key] = driver_bench(a, "--repeat", 3, prefill=False, build=b)
+        res[key]["build"] = b.name
 
 
 def stage_stream(a, res):
@@ -227,6 +237,9 @@ def table(res, card):
         add("decode roofline (bandwidth / bytes)", f"{roof:.0f} tok/s")
         add("decode, resident (batch 1, prompt 128, 256 generated)",
             f"{R['decode_tok_s']:.1f} tok/s = {R['decode_tok_s'] / roof:.0%} of the roofline")
+        if "decode_engine_s_per_token" in R:
+            add("decode, resident: time a token inside the engine (without the host's pick)",
+                f"{R['decode_engine_s_per_token'] * 1e3:.3f} ms")
         add("prefill, resident (2048-token prompt)", f"{R['prefill_tok_s']:.0f} tok/s")
         add("pinned host-to-device copy", f"{R.get('h2d_pinned_Bps', 0) / 1e9:.1f} GB/s")
     if T:
@@ -252,14 +265,21 @@ def table(res, card):
             mpt = B["decode_moved_per_token"]
             add("--vram-budget 24G bytes moved per decode token", f"{mpt / 1e9:.2f} GB")
             add("PCIe 4 x16 (25 GB/s) bound for that traffic", f"{PCIE4 / mpt:.1f} tok/s")
-    for key, what in (("kernels", "one launch per layer step (BNBFS_DECODE=kernels)"),
-                      ("bps2", "persistent kernel at 2 blocks a multiprocessor "
-                               "(BNBFS_DECODE_BPS=2)"),
-                      ("base", "build before the change (--base-build)")):
+    cmp = [("kernels", "one launch per layer step (BNBFS_DECODE=kernels)"),
+           ("bps2", "persistent kernel at 2 blocks a multiprocessor (BNBFS_DECODE_BPS=2)"),
+           ("pfa", "expert rows prefetched a batch ahead (BNBFS_DECODE_PFA=1)")]
+    cmp += [(k, f"build {res[k].get('build', '')} (--base-build)")
+            for k in sorted(res) if k.startswith("base") and res[k]]
+    for key, what in cmp:
         X = res.get(key) or {}
         if X and R:
+            eng = X.get("decode_engine_s_per_token")
+            st = X.get("stats") or {}
+            if eng is None and st.get("decode_tokens"):
+                eng = st["decode_s"] / st["decode_tokens"]     # older drivers: whole run
             add(f"decode, resident, {what}",
-                f"{X['decode_tok_s']:.1f} tok/s = {X['decode_tok_s'] / roof:.0%} of the roofline")
+                f"{X['decode_tok_s']:.1f} tok/s = {X['decode_tok_s'] / roof:.0%} of the roofline"
+                + (f" (engine {eng * 1e3:.3f} ms a token)" if eng else ""))
     N = res.get("nopdl") or {}
     if N:
         add("decode, resident, without programmatic dependent launch (BNBFS_PDL=0)",
@@ -311,11 +331,12 @@ def main():
     ap.add_argument("--stages", default="cold,resident,budget,transformers")
     ap.add_argument("--results", type=pathlib.Path, default=ROOT / "tests" / "bench" / "RESULTS.md")
     ap.add_argument("--out", type=pathlib.Path, default=pathlib.Path("."))
-    ap.add_argument("--base-build", type=pathlib.Path,
-                    help="another build dir whose llm-driver the 'base' stage times")
+    ap.add_argument("--base-build", type=pathlib.Path, action="append",
+                    help="another build dir whose llm-driver the 'base' stage times "
+                         "(may be given more than once)")
     a = ap.parse_args()
     a.build = a.build.resolve()
-    a.base_build = a.base_build.resolve() if a.base_build else None
+    a.base_build = [b.resolve() for b in a.base_build or []]
     a.mnt = (a.mnt or a.full / "mnt").resolve()
     a.out.mkdir(parents=True, exist_ok=True)
     if not (a.full / "src" / "config.json").exists():
@@ -330,7 +351,8 @@ def main():
            "failed": {}}
     stages = {"cold": stage_cold, "resident": stage_resident, "budget": stage_budget,
               "transformers": stage_transformers, "nopdl": stage_nopdl, "stream": stage_stream,
-              "kernels": stage_kernels, "bps2": stage_bps2, "base": stage_base}
+              "kernels": stage_kernels, "bps2": stage_bps2, "pfa": stage_pfa,
+              "base": stage_base}
     p = None
     for st in a.stages.split(","):
         try:

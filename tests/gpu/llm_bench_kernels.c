@@ -337,6 +337,29 @@ int main(int argc, char **argv)
                            4.0 * (H * 2.0 * I + (double)I * H)) * 2;
         double tl = time_kernel(k_layers, &x, 1, x.s) / NL;
         printf(", \"decode_layer\": {\"us\": %.2f, \"GBps\": %.1f}", tl * 1e6, lb / tl / 1e9);
+        x.dargs.moe_pfa = 1;
+        tl = time_kernel(k_layers, &x, 1, x.s) / NL;
+        printf(", \"decode_layer_pfa\": {\"us\": %.2f, \"GBps\": %.1f}", tl * 1e6,
+               lb / tl / 1e9);
+        x.dargs.moe_pfa = 0;
+        /* where a layer's time goes: block 0's clock at each phase's end */
+        uint64_t *dts, hts[1 + 6 * NL];
+        CK(cudaMalloc((void **)&dts, sizeof hts));
+        x.dargs.phase_ns = dts;
+        double ph[6] = {0};
+        for (int r = 0; r < 5; r++) {
+            if (kn_llm_decode_layers(&x.dargs, x.s))
+                return 1;
+            CK(cudaMemcpy(hts, dts, sizeof hts, cudaMemcpyDeviceToHost));
+            for (int l = 0; r > 0 && l < NL; l++)       /* r = 0: warm-up */
+                for (int k = 0; k < 6; k++)
+                    ph[k] += (double)(hts[1 + 6 * l + k] - hts[6 * l + k]) / (4.0 * NL);
+        }
+        x.dargs.phase_ns = NULL;
+        cudaFree(dts);
+        printf(", \"decode_phases_us\": {\"qkv\": %.2f, \"attn\": %.2f, \"o_proj\": %.2f, "
+               "\"router\": %.2f, \"gate_up\": %.2f, \"down\": %.2f}", ph[0] / 1e3,
+               ph[1] / 1e3, ph[2] / 1e3, ph[3] / 1e3, ph[4] / 1e3, ph[5] / 1e3);
     }
     st.pos = 8191;
     CK(cudaMemcpy(x.step, &st, sizeof st, cudaMemcpyHostToDevice));

@@ -8,9 +8,9 @@
 #   sh .device/prep.sh && OUT=$OUT FULL=/tmp/full STAGES=resident,budget \
 #       bash tests/gpu/llm_run_gpu.sh
 # TESTS=0 skips the test suite; STAGES= (empty) skips the benchmark; KBENCH=1
-# times each decode kernel alone (llm-bench-kernels); BASE=DIR names another
-# build (e.g. the commit before a change, built elsewhere and carried) whose
-# llm-driver the benchmark's `base` stage times in the same run.
+# times each decode kernel alone (llm-bench-kernels); BASE="DIR ..." names
+# other builds (e.g. the commit before a change, built elsewhere and carried)
+# whose llm-driver the benchmark's `base` stage times in the same run.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-/tmp/bnbfs-engine-out}
@@ -51,7 +51,7 @@ if [ -n "$STAGES" ]; then
   left=$(( BUDGET - $(el) ))
   PYTHONUNBUFFERED=1 timeout $left python3 tests/bench/bench_runner.py --build $b --full "$FULL" \
     --stages "$STAGES" --results "$OUT/RESULTS.md" --out "$OUT" \
-    ${BASE:+--base-build "$BASE"} > "$OUT/bench.log" 2>&1
+    $(for d in ${BASE:-}; do printf -- '--base-build %s ' "$d"; done) > "$OUT/bench.log" 2>&1
   echo "bench rc=$? ($(el) s)"
   tr '\r' '\n' < "$OUT/bench.log" | grep -v "ETA" | grep -v '^\$ ' | cut -c1-300 | tail -45
   mountpoint -q "$FULL/mnt" && fusermount3 -u "$FULL/mnt"
