@@ -122,7 +122,8 @@ int kn_llm_moe_down_decode(const float *act, struct kn_expert_src W, const float
  * persistent kernel and the per-kernel launches (the same splits give the
  * same sums, so both compute the same bits):
  *   blocks  grid of kn_llm_decode_layers (all resident at once: a
- *           cooperative launch), at most max_bps blocks a multiprocessor;
+ *           cooperative launch), as many blocks a multiprocessor as fit, at
+ *           most 3 (2 measured 4% slower on an H200);
  *           0 when the kernel cannot run on this device (the splits still
  *           serve the per-step launches);
  *   ks_gu, ks_dn  K splits of the expert GEMVs (mode 0 gate_up, 1 down),
@@ -133,8 +134,8 @@ struct kn_decode_plan {
     int blocks, ks_gu, ks_dn, nsplit;
     size_t smem;
 };
-int kn_llm_decode_plan(int nsm, int max_bps, int H, int I, int E, int topk, int nheads,
-                       int head_dim, struct kn_decode_plan *p);   /* 0 or -EINVAL */
+int kn_llm_decode_plan(int nsm, int H, int I, int E, int topk, int nheads, int head_dim,
+                       struct kn_decode_plan *p);     /* 0 or -EINVAL */
 /* Workspace (floats) and counters (ints) of the expert GEMVs for an output
  * width N (mode 0 gate_up, 1 down). */
 size_t kn_llm_moe_partial_floats(int N, int topk, int ksplit, int mode);
@@ -174,8 +175,6 @@ struct kn_decode_args {
     int *attn_counters, *gu_counters, *dn_counters;
     unsigned *barrier;          /* one, zero before the first launch */
     struct kn_decode_plan plan;
-    int moe_pfa;                /* expert GEMVs prefetch a batch of rows ahead into L2
-                                 * (speed only; BNBFS_DECODE_PFA=1 to compare) */
     uint64_t *phase_ns;         /* NULL, or [1 + 6 * nlayers]: the start, then the end of
                                  * each layer's six phases (global timer, ns; diagnostic) */
 };

@@ -32,6 +32,7 @@ extern "C" void kn_llm_set_pdl(int on) { kn_llm_pdl_on = on; }
 #define DEC_BPS 3           /* blocks a multiprocessor the persistent kernel is built for */
 #define MAX_TOPK 32
 #define MAX_NSPLIT 32       /* attention splits a head: one per lane in the combine */
+#define MOE_TW 64           /* output columns of an expert-GEMV item: 8 lanes x 8 */
 #define DEC_MAX_DPL 4       /* head_dim <= 128: dims per lane */
 /* Lines of 128 bytes of each row a GEMV block prefetches into L2 before
  * waiting for the previous kernel (PDL); for lm_head, 2 KB a row keeps the
@@ -525,157 +526,129 @@ __device__ void route_block(float4 *vec4, float *logits, const float *x,
 
 /* ------------------------------------------------- the expert GEMVs */
 
-/* Output columns of an expert-GEMV item: 128 for gate_up (N = 2I), 64 for
- * down, as measured fastest on an H200 with llm-bench-kernels
- * (tests/bench/NOTES-engine.md: gate_up 41 us with 128 vs 52 with 64; down
- * 28 with 64 vs 29 with 128). Narrower items (64 columns a warp) read 128
- * bytes of a row at a time and streamed at 2.8 TB/s instead of 3.2. */
-template <int MODE> struct moe_tw {
-    static constexpr int v = MODE == 0 ? 128 : 64;
-};
-
-/* Shared memory an item needs, floats: its input slice and the row groups'
- * sums. */
-__host__ __device__ static int moe_scratch_floats(int K, int ks)
-{
-    return round4(div_up(K, ks)) + DEC_THREADS * 8;
-}
-
-/* Item it of an expert GEMV out[j] = x[j] @ W[e_j] (W [K, N], x @ W layout)
- * for a whole block: TW output columns of chosen expert j over one of ks row
- * splits. TW/8 threads x 8 columns cover a row's TW columns; the
- * DEC_THREADS/(TW/8) row groups stride down the split's rows, four rows in
- * flight a thread. Items are numbered tile fastest (neighbouring blocks read
- * neighbouring columns of the same rows). The block's sum goes to
- * partial[j][s][N]; the last block of the tile to finish adds every
- * (expert, split) partial in order with the bias:
- *   MODE 0 (gate_up): SwiGLU into out = act [topk][N/2];
- *   MODE 1 (down): out (= x) += sum_j w[j] * y[j], in expert order.
- * xsrc: MODE 0 hn [K] (already in shared memory when XS_SMEM), MODE 1 act
- * [topk][K]. scratch: moe_scratch_floats(K, ks) of shared memory.
- * counters: [tiles]. Called by every thread of the block. */
+/* Item it of an expert GEMV out[j] = x[j] @ W[e_j] (W [K, N], x @ W
+ * layout) for one warp, so no warp of a block waits on another (block
+ * items, 128/64 columns a block, measured 3.20 against 2.86 ms a token in
+ * the persistent kernel on an H200 with 11 splits: NOTES-engine.md, run 6):
+ * MOE_TW output columns (lane & 7 owns 8 of them) of chosen
+ * expert j over one of ks row splits; the warp's four row groups (lane >> 3)
+ * stride down the split's rows and are summed by shuffles. Items are
+ * numbered tile fastest, so a block's warps read neighbouring columns of
+ * the same rows. The partial goes to partial[j][s][N]; the last split of
+ * (j, tile) to finish adds the bias and the splits in order, then
+ *   MODE 0 (gate_up): SwiGLU into out = act[j][N/2];
+ *   MODE 1 (down): y into ybuf[j] (after the partials); the last expert of
+ *   the tile adds sum_j w[j] * y[j] into out = x, in expert order.
+ * xsrc: MODE 0 hn [K] (in shared memory when XS_SMEM), MODE 1 act [topk][K];
+ * xw: the warp's shared scratch for its input slice (>= ceil(K/ks) floats).
+ * counters: MODE 0 [topk * tiles], MODE 1 [topk * tiles + tiles]. */
 template <int MODE, bool XS_SMEM>
-__device__ __forceinline__ void moe_item(int it, const float *xsrc, float *scratch,
+__device__ __forceinline__ void moe_item(int it, const float *xsrc, float *xw,
                                          const __half *base, const __half *const *ptrs,
                                          const int *ids, const float *wts, int K, int N, int topk,
                                          int ks, float *partial, int *counters,
                                          const float *__restrict__ b, float limit, float alpha,
-                                         float *out, int *last_flag, int pfa)
+                                         float *out, int lane)
 {
-    constexpr int TW = moe_tw<MODE>::v, LPR = TW / 8, RG = DEC_THREADS / LPR;
-    const int tiles = div_up(N, TW);
+    const int tiles = (N + MOE_TW - 1) / MOE_TW;
     const int tile = it % tiles, js = it / tiles, s = js % ks, j = js / ks;
-    const int tid = threadIdx.x;
-    const int kc = div_up(K, ks), k0 = s * kc, k1 = min(K, k0 + kc);
-    const int rg = tid / LPR, cl = tid % LPR, col = tile * TW + cl * 8;
+    const int kc = (K + ks - 1) / ks, k0 = s * kc, k1 = min(K, k0 + kc);
+    const int rg = lane >> 3, col = tile * MOE_TW + (lane & 7) * 8;
     const __half *W = ptrs ? ptrs[j] : base + (size_t)ids[j] * K * N;
-    float *red = scratch + round4(kc);
+    /* The first rows of the slab start towards L2 while the input is staged. */
+    if (k0 + lane < k1)
+        prefetch_l2(W + (size_t)(k0 + lane) * N + tile * MOE_TW);
     const float *xs;
-    __syncthreads();            /* the previous item is done with the scratch */
     if (XS_SMEM) {
         xs = xsrc + k0;
     } else {
-        const float *x = MODE == 0 ? xsrc : xsrc + (size_t)j * K;
-        for (int i = tid; i < k1 - k0; i += DEC_THREADS)
-            scratch[i] = __ldcg(x + k0 + i);
-        __syncthreads();
-        xs = scratch;
+        const float *src = MODE == 0 ? xsrc + k0 : xsrc + (size_t)j * K + k0;
+        for (int i = lane; i < k1 - k0; i += 32)
+            xw[i] = __ldcg(src + i);
+        __syncwarp();
+        xs = xw;
     }
     float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
     if (col < N) {
-        const size_t rstride = (size_t)(N >> 3);  /* uint4 per row */
+        const size_t rs = (size_t)(N >> 3);      /* uint4 per row */
         const uint4 *wp = reinterpret_cast<const uint4 *>(W + (size_t)(k0 + rg) * N + col);
-        /* Four rows in flight per thread before the first use (batches of
-         * eight with predication measured slower: 48.5 vs 41.0 us). */
         int k = k0 + rg;
-        for (; k + 3 * RG < k1; k += 4 * RG) {
-            if (pfa && (cl & 7) == 0) {     /* one thread a 128-byte line */
+        /* Eight rows in flight per lane (32 per warp) before the first use;
+         * the rest one at a time. */
+        for (; k + 28 < k1; k += 32) {
+            uint4 wv[8];
 #pragma unroll
-                for (int u = 4; u < 8; u++)
-                    if (k + u * RG < k1)
-                        prefetch_l2(wp + (size_t)u * rstride * RG);
-            }
-            const uint4 w0 = ld_stream(wp);
-            const uint4 w1 = ld_stream(wp + rstride * RG);
-            const uint4 w2 = ld_stream(wp + 2 * rstride * RG);
-            const uint4 w3 = ld_stream(wp + 3 * rstride * RG);
-            axpy8(acc, xs[k - k0], w0);
-            axpy8(acc, xs[k - k0 + RG], w1);
-            axpy8(acc, xs[k - k0 + 2 * RG], w2);
-            axpy8(acc, xs[k - k0 + 3 * RG], w3);
-            wp += 4 * rstride * RG;
+            for (int u = 0; u < 8; u++)
+                wv[u] = ld_stream(wp + (size_t)u * 4 * rs);
+#pragma unroll
+            for (int u = 0; u < 8; u++)
+                axpy8(acc, xs[k - k0 + 4 * u], wv[u]);
+            wp += 32 * rs;
         }
-        for (; k < k1; k += RG) {
+        for (; k < k1; k += 4) {
             axpy8(acc, xs[k - k0], ld_stream(wp));
-            wp += rstride * RG;
+            wp += 4 * rs;
         }
     }
+    /* Sum the four row groups: every lane ends with the same bits (float
+     * addition commutes: a0+a1 == a1+a0). */
 #pragma unroll
-    for (int i = 0; i < 8; i++)
-        red[rg * TW + cl * 8 + i] = acc[i];
-    __syncthreads();
-    if (tid < TW) {
-        float sum = 0.f;
-        for (int r = 0; r < RG; r++)
-            sum += red[r * TW + tid];
-        const int c = tile * TW + tid;
-        if (c < N)
-            partial[((size_t)j * ks + s) * N + c] = sum;
+    for (int i = 0; i < 8; i++) {
+        acc[i] += __shfl_xor_sync(0xffffffffu, acc[i], 8);
+        acc[i] += __shfl_xor_sync(0xffffffffu, acc[i], 16);
     }
-    __threadfence();
-    __syncthreads();
-    if (tid == 0)
-        *last_flag = atomicAdd(&counters[tile], 1) == topk * ks - 1;
-    __syncthreads();
-    if (!*last_flag)
+    if (lane < 8 && col < N) {
+        float4 *pp = reinterpret_cast<float4 *>(partial + ((size_t)j * ks + s) * N + col);
+        pp[0] = make_float4(acc[0], acc[1], acc[2], acc[3]);
+        pp[1] = make_float4(acc[4], acc[5], acc[6], acc[7]);
+    }
+    if (!warp_arrive_last(counters + j * tiles + tile, ks, lane))
         return;
-    __threadfence();
-    if (tid == 0)
-        counters[tile] = 0;     /* ready for the next layer, launch or replay */
+    const int e = ids[j];
+    const int c_end = min(N, (tile + 1) * MOE_TW);
     if (MODE == 0) {
-        for (int t = tid; t < (TW / 2) * topk; t += DEC_THREADS) {
-            const int jj = t / (TW / 2), c = tile * TW + 2 * (t % (TW / 2));
-            if (c >= N)
-                continue;
-            const int e = ids[jj];
+        const int c = tile * MOE_TW + 2 * lane;
+        if (c < c_end) {
             float gte = b[(size_t)e * N + c], up = b[(size_t)e * N + c + 1];
             for (int q = 0; q < ks; q++) {
-                const float *pp = partial + ((size_t)jj * ks + q) * N + c;
+                const float *pp = partial + ((size_t)j * ks + q) * N + c;
                 gte += __ldcg(pp);
                 up += __ldcg(pp + 1);
             }
             gte = fminf(gte, limit);
             up = fminf(fmaxf(up, -limit), limit);
             const float glu = gte / (1.f + expf(-alpha * gte));
-            out[(size_t)jj * (N >> 1) + (c >> 1)] = (up + 1.f) * glu;
+            out[(size_t)j * (N >> 1) + (c >> 1)] = (up + 1.f) * glu;
         }
-    } else if (tid < TW) {
-        const int c = tile * TW + tid;
-        if (c < N) {
-            float sum = 0.f;
-            for (int jj = 0; jj < topk; jj++) {
-                const int e = ids[jj];
-                float y = b[(size_t)e * N + c];
-                for (int q = 0; q < ks; q++)
-                    y += __ldcg(partial + ((size_t)jj * ks + q) * N + c);
-                sum += wts[jj] * y;
-            }
-            out[c] = __ldcg(out + c) + sum;
-        }
+        return;
+    }
+    float *ybuf = partial + (size_t)topk * ks * N;
+    for (int c = tile * MOE_TW + lane; c < c_end; c += 32) {
+        float y = b[(size_t)e * N + c];
+        for (int q = 0; q < ks; q++)
+            y += __ldcg(partial + ((size_t)j * ks + q) * N + c);
+        ybuf[(size_t)j * N + c] = y;
+    }
+    if (!warp_arrive_last(counters + topk * tiles + tile, topk, lane))
+        return;
+    for (int c = tile * MOE_TW + lane; c < c_end; c += 32) {
+        float sum = 0.f;
+        for (int jj = 0; jj < topk; jj++)
+            sum += wts[jj] * __ldcg(ybuf + (size_t)jj * N + c);
+        out[c] = __ldcg(out + c) + sum;
     }
 }
 
 /* Streams the first rows of a down item's slab into L2 (one 128-byte line a
- * row: 64 fp16 columns) while other blocks finish the gate_up phase. */
-__device__ __forceinline__ void moe_prefetch_down(int it, const __half *base, const int *ids,
-                                                  int K, int N, int ks, int rows)
+ * row: MOE_TW fp16 columns) while other warps finish the gate_up phase. */
+__device__ __forceinline__ void moe_prefetch(int it, const __half *base, const int *ids, int K,
+                                             int N, int ks, int lane)
 {
-    constexpr int TW = moe_tw<1>::v;
-    const int tiles = div_up(N, TW);
+    const int tiles = (N + MOE_TW - 1) / MOE_TW;
     const int tile = it % tiles, js = it / tiles, s = js % ks, j = js / ks;
-    const int kc = div_up(K, ks), k0 = s * kc, k1 = min(K, k0 + min(kc, rows));
-    const __half *W = base + (size_t)ids[j] * K * N + tile * TW;
-    for (int k = k0 + threadIdx.x; k < k1; k += DEC_THREADS)
+    const int kc = (K + ks - 1) / ks, k0 = s * kc, k1 = min(K, k0 + kc);
+    const __half *W = base + (size_t)ids[j] * K * N + tile * MOE_TW;
+    for (int k = k0 + lane; k < k1 && k < k0 + 64; k += 32)
         prefetch_l2(W + (size_t)k * N);
 }
 
@@ -847,12 +820,16 @@ moe_decode_kernel(const float *__restrict__ xin, const __half *base,
                   float *__restrict__ partial, int *__restrict__ counters,
                   const float *__restrict__ b, float limit, float alpha, float *__restrict__ out)
 {
-    extern __shared__ float scratch[];
-    __shared__ int last;
+    extern __shared__ float xw_all[];
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int it = blockIdx.x * DEC_WARPS + warp;
+    const int items = div_up(N, MOE_TW) * topk * ks;
+    const int kcp = round4(div_up(K, ks));
     pdl_wait();
     pdl_launch_dependents();
-    moe_item<MODE, false>(blockIdx.x, xin, scratch, base, ptrs, ids, wts, K, N, topk, ks,
-                          partial, counters, b, limit, alpha, out, &last, 0);
+    if (it < items)
+        moe_item<MODE, false>(it, xin, xw_all + warp * kcp, base, ptrs, ids, wts, K, N, topk, ks,
+                              partial, counters, b, limit, alpha, out, lane);
 }
 
 template <int MODE>
@@ -862,13 +839,14 @@ static int moe_launch(const float *xin, struct kn_expert_src W, const int *ids, 
 {
     if (topk > MAX_TOPK || ksplit < 1)
         return -EINVAL;
-    const int smem = moe_scratch_floats(K, ksplit) * (int)sizeof(float);
+    const int smem = DEC_WARPS * round4(kn_div_up(K, ksplit)) * (int)sizeof(float);
     if (smem > 48 * 1024)
         cudaFuncSetAttribute((const void *)moe_decode_kernel<MODE>,
                              cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-    const int items = kn_div_up(N, moe_tw<MODE>::v) * topk * ksplit;
+    const int items = kn_div_up(N, MOE_TW) * topk * ksplit;
     return kn_launch_pdl(MODE == 0 ? "moe_gate_up_decode" : "moe_down_decode",
-                         moe_decode_kernel<MODE>, dim3(items), dim3(DEC_THREADS), smem, s, xin,
+                         moe_decode_kernel<MODE>, dim3(kn_div_up(items, DEC_WARPS)),
+                         dim3(DEC_THREADS), smem, s, xin,
                          reinterpret_cast<const __half *>(W.base),
                          reinterpret_cast<const __half *const *>(W.ptrs), ids, wts, K, N, topk,
                          ksplit, partial, counters, b, limit, alpha, out);
@@ -894,14 +872,12 @@ extern "C" int kn_llm_moe_down_decode(const float *act, struct kn_expert_src W, 
 
 extern "C" int kn_llm_moe_counters(int N, int topk, int mode)
 {
-    (void)topk;
-    return kn_div_up(N, mode == 0 ? moe_tw<0>::v : moe_tw<1>::v);
+    return kn_div_up(N, MOE_TW) * (mode == 0 ? topk : topk + 1);
 }
 
 extern "C" size_t kn_llm_moe_partial_floats(int N, int topk, int ksplit, int mode)
 {
-    (void)mode;
-    return (size_t)N * topk * ksplit;
+    return (size_t)N * topk * (mode == 0 ? ksplit : ksplit + 1);
 }
 
 /* ================================================================
@@ -945,48 +921,47 @@ __device__ __forceinline__ void grid_sync(unsigned *bar)
 }
 
 /* Shared memory of the persistent kernel, floats: the block's vector
- * (normalized x, attn or hn) and the router logits, then the expert items'
- * scratch. */
+ * (normalized x, attn or hn) and the router logits, then one input slice
+ * per warp for the down items. */
 __host__ __device__ static int dec_vec_floats(int H, int Q, int E)
 {
     return round4(H > Q ? H : Q) + round4(E);
 }
 
-__host__ __device__ static int dec_smem_floats(int H, int I, int Q, int E, int ks_gu, int ks_dn)
-{
-    const int gu = moe_scratch_floats(H, ks_gu), dn = moe_scratch_floats(I, ks_dn);
-    return dec_vec_floats(H, Q, E) + (gu > dn ? gu : dn);
-}
+__host__ __device__ static int dec_xw_floats(int I, int ks_dn) { return round4(div_up(I, ks_dn)); }
 
-/* The grid barrier ending phase k of layer l, timed by block 0 when asked. */
+/* The grid barrier ending phase k of layer l, timed by block 0 in the TIMED
+ * instance (llm-bench-kernels; the check alone costs the untimed kernel a
+ * register spill, so it is compiled out there). */
+template <bool TIMED>
 __device__ __forceinline__ void phase_end(const kn_decode_args &a, int l, int k)
 {
     grid_sync(a.barrier);
-    if (a.phase_ns && blockIdx.x == 0 && threadIdx.x == 0)
+    if (TIMED && blockIdx.x == 0 && threadIdx.x == 0)
         a.phase_ns[1 + 6 * l + k] = global_ns();
 }
 
+template <bool TIMED>
 __global__ void __launch_bounds__(DEC_THREADS, DEC_BPS) decode_layers_kernel(kn_decode_args a)
 {
     extern __shared__ float4 sm4[];
     __shared__ float red[32];
     __shared__ float cval[MAX_TOPK], sw[MAX_TOPK];
     __shared__ int cidx[MAX_TOPK], sids[MAX_TOPK];
-    __shared__ int last;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int gw = blockIdx.x * DEC_WARPS + warp, W = gridDim.x * DEC_WARPS;
     const int H = a.H, I = a.I, E = a.E, K = a.topk, Q = a.g.nheads * a.g.head_dim;
     const int vecf = dec_vec_floats(H, Q, E);
     float4 *vec4 = sm4;
     float *logits = reinterpret_cast<float *>(sm4) + round4(H > Q ? H : Q);
-    float *scratch = reinterpret_cast<float *>(sm4) + vecf;
+    float *xw = reinterpret_cast<float *>(sm4) + vecf + warp * dec_xw_floats(I, a.plan.ks_dn);
     const int pos = a.step->pos;
     const int npairs = (a.g.nheads + 2 * a.g.nkv) * (a.g.head_dim >> 1);
     const int n_att = a.g.nheads * a.plan.nsplit;
-    const int n_gu = div_up(2 * I, moe_tw<0>::v) * K * a.plan.ks_gu;
-    const int n_dn = div_up(H, moe_tw<1>::v) * K * a.plan.ks_dn;
+    const int n_gu = div_up(2 * I, MOE_TW) * K * a.plan.ks_gu;
+    const int n_dn = div_up(H, MOE_TW) * K * a.plan.ks_dn;
     const float2 *rope = reinterpret_cast<const float2 *>(a.rope);
-    if (a.phase_ns && blockIdx.x == 0 && threadIdx.x == 0)
+    if (TIMED && blockIdx.x == 0 && threadIdx.x == 0)
         a.phase_ns[0] = global_ns();
     for (int l = 0; l < a.nlayers; l++) {
         const kn_decode_layer *L = a.layers + l;
@@ -1004,13 +979,13 @@ __global__ void __launch_bounds__(DEC_THREADS, DEC_BPS) decode_layers_kernel(kn_
             qkv_item<4>(p, vec4, wqkv, L->bqkv, H, g, rope, pos, a.q, kc, vc, lane);
         for (int r = gw; r < H; r += W)
             prefetch_row(wo + (size_t)r * Q, Q * 2, (Q * 2 + 127) / 128, lane);
-        phase_end(a, l, 0);
+        phase_end<TIMED>(a, l, 0);
 
         /* 2. attention */
         for (int it = gw; it < n_att; it += W)
             attn_item(it, a.q, kc, vc, L->sinks, g, pos, a.plan.nsplit, a.attn_partial,
                       a.attn_counters, a.attn, lane);
-        phase_end(a, l, 1);
+        phase_end<TIMED>(a, l, 1);
 
         /* 3. o_proj into the residual stream */
         load_vec_norm(vec4, a.attn, NULL, 0.f, Q, red);
@@ -1018,7 +993,7 @@ __global__ void __launch_bounds__(DEC_THREADS, DEC_BPS) decode_layers_kernel(kn_
             oproj_item<8>(r, vec4, wo, L->bo, Q, a.x, lane);
         for (int e = gw; e < E; e += W)
             prefetch_row(wr + (size_t)e * H, H * 2, (H * 2 + 127) / 128, lane);
-        phase_end(a, l, 2);
+        phase_end<TIMED>(a, l, 2);
 
         /* 4. router logits: every block normalizes x (it needs hn next),
          * the first E warps of the grid compute one logit each. */
@@ -1028,7 +1003,7 @@ __global__ void __launch_bounds__(DEC_THREADS, DEC_BPS) decode_layers_kernel(kn_
             if (lane == 0)
                 a.rlogits[e] = v;
         }
-        phase_end(a, l, 3);
+        phase_end<TIMED>(a, l, 3);
 
         /* 5. top-k (every block, same bits), gate_up + SwiGLU; then the
          * first rows of this warp's down items start towards L2. */
@@ -1040,40 +1015,39 @@ __global__ void __launch_bounds__(DEC_THREADS, DEC_BPS) decode_layers_kernel(kn_
         __syncthreads();
         const __half *gu = reinterpret_cast<const __half *>(L->gate_up);
         const __half *dn = reinterpret_cast<const __half *>(L->down);
-        for (int it = blockIdx.x; it < n_gu; it += gridDim.x)
-            moe_item<0, true>(it, reinterpret_cast<const float *>(vec4), scratch, gu, NULL, sids,
-                              sw, H, 2 * I, K, a.plan.ks_gu, a.moe_partial, a.gu_counters,
-                              L->gate_up_b, a.limit, a.alpha, a.act, &last, a.moe_pfa);
-        for (int it = blockIdx.x; it < n_dn; it += gridDim.x)
-            moe_prefetch_down(it, dn, sids, I, H, a.plan.ks_dn, DEC_THREADS);
-        phase_end(a, l, 4);
+        for (int it = gw; it < n_gu; it += W)
+            moe_item<0, true>(it, reinterpret_cast<const float *>(vec4), xw, gu, NULL, sids, sw,
+                              H, 2 * I, K, a.plan.ks_gu, a.moe_partial, a.gu_counters,
+                              L->gate_up_b, a.limit, a.alpha, a.act, lane);
+        for (int it = gw; it < n_dn; it += W)
+            moe_prefetch(it, dn, sids, I, H, a.plan.ks_dn, lane);
+        phase_end<TIMED>(a, l, 4);
 
         /* 6. down, weighted sum into x; the next layer's q/k/v rows start
          * towards L2. */
-        for (int it = blockIdx.x; it < n_dn; it += gridDim.x)
-            moe_item<1, false>(it, a.act, scratch, dn, NULL, sids, sw, I, H, K, a.plan.ks_dn,
-                               a.moe_partial, a.dn_counters, L->down_b, 0.f, 0.f, a.x, &last,
-                               a.moe_pfa);
+        for (int it = gw; it < n_dn; it += W)
+            moe_item<1, false>(it, a.act, xw, dn, NULL, sids, sw, I, H, K, a.plan.ks_dn,
+                               a.moe_partial, a.dn_counters, L->down_b, 0.f, 0.f, a.x, lane);
         if (l + 1 < a.nlayers)
             for (int p = gw; p < npairs; p += W)
                 qkv_prefetch(p, reinterpret_cast<const __half *>(a.layers[l + 1].wqkv), H, g,
                              lane);
-        phase_end(a, l, 5);
+        phase_end<TIMED>(a, l, 5);
     }
 }
 
-/* ksplit for an expert GEMV whose block items (tiles x topk a split) run on
- * nblocks blocks: the least rows a block streams, counting each item's fixed
+/* ksplit for an expert GEMV whose items (tiles x topk a split) run on
+ * nwarps warps: the least rows a warp streams, counting each item's fixed
  * cost (stage the input, sum, arrive) as 32 rows; at least 64 rows a split. */
-static int moe_ksplit(int K, int N, int TW, int topk, int nblocks)
+static int moe_ksplit(int K, int N, int topk, int nwarps)
 {
-    const long per = (long)kn_div_up(N, TW) * topk;
+    const long per = (long)kn_div_up(N, MOE_TW) * topk;
     int maxks = K / 64;
     maxks = maxks < 1 ? 1 : maxks > 64 ? 64 : maxks;
     int best = 1;
     long bestc = -1;
     for (int ks = 1; ks <= maxks; ks++) {
-        const long rounds = (per * ks + nblocks - 1) / nblocks;
+        const long rounds = (per * ks + nwarps - 1) / nwarps;
         const long c = rounds * (kn_div_up(K, ks) + 32);
         if (bestc < 0 || c < bestc) {
             bestc = c;
@@ -1083,29 +1057,33 @@ static int moe_ksplit(int K, int N, int TW, int topk, int nblocks)
     return best;
 }
 
-extern "C" int kn_llm_decode_plan(int nsm, int max_bps, int H, int I, int E, int topk,
-                                  int nheads, int head_dim, struct kn_decode_plan *p)
+extern "C" int kn_llm_decode_plan(int nsm, int H, int I, int E, int topk, int nheads,
+                                  int head_dim, struct kn_decode_plan *p)
 {
     if (topk > MAX_TOPK || head_dim > 32 * DEC_MAX_DPL || nsm < 1)
         return -EINVAL;
     const int Q = nheads * head_dim;
-    int bps = max_bps < 1 ? 1 : max_bps > DEC_BPS ? DEC_BPS : max_bps;
-    /* Fewer blocks give bigger splits and more shared memory a block, which
+    int bps = DEC_BPS;
+    /* Fewer warps give bigger splits and more shared memory a block, which
      * may lower the occupancy again: bps only falls, so this ends. */
     for (;;) {
         const int nw = nsm * bps * DEC_WARPS;
         p->blocks = nsm * bps;
-        p->ks_gu = moe_ksplit(H, 2 * I, moe_tw<0>::v, topk, p->blocks);
-        p->ks_dn = moe_ksplit(I, H, moe_tw<1>::v, topk, p->blocks);
+        p->ks_gu = moe_ksplit(H, 2 * I, topk, nw);
+        p->ks_dn = moe_ksplit(I, H, topk, nw);
         const int ns = nw / (2 * nheads);
         p->nsplit = ns < 1 ? 1 : ns > MAX_NSPLIT ? MAX_NSPLIT : ns;
-        p->smem = (size_t)dec_smem_floats(H, I, Q, E, p->ks_gu, p->ks_dn) * sizeof(float);
+        p->smem = (size_t)(dec_vec_floats(H, Q, E) + DEC_WARPS * dec_xw_floats(I, p->ks_dn)) *
+                  sizeof(float);
         int occ = 0;
         if ((p->smem > 48 * 1024 &&
-             cudaFuncSetAttribute((const void *)decode_layers_kernel,
-                                  cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                  (int)p->smem) != cudaSuccess) ||
-            cudaOccupancyMaxActiveBlocksPerMultiprocessor(&occ, decode_layers_kernel,
+             (cudaFuncSetAttribute((const void *)decode_layers_kernel<false>,
+                                   cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                   (int)p->smem) != cudaSuccess ||
+              cudaFuncSetAttribute((const void *)decode_layers_kernel<true>,
+                                   cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                   (int)p->smem) != cudaSuccess)) ||
+            cudaOccupancyMaxActiveBlocksPerMultiprocessor(&occ, decode_layers_kernel<false>,
                                                           DEC_THREADS, p->smem) != cudaSuccess ||
             occ < 1) {
             cudaGetLastError();
@@ -1130,7 +1108,8 @@ extern "C" int kn_llm_decode_layers(const struct kn_decode_args *a, cudaStream_t
     attr[0].val.cooperative = 1;
     cfg.attrs = attr;
     cfg.numAttrs = 1;
-    cudaError_t e = cudaLaunchKernelEx(&cfg, decode_layers_kernel, *a);
+    cudaError_t e = a->phase_ns ? cudaLaunchKernelEx(&cfg, decode_layers_kernel<true>, *a)
+                                : cudaLaunchKernelEx(&cfg, decode_layers_kernel<false>, *a);
     if (e != cudaSuccess) {
         cudaGetLastError();
         dq_log(DQ_LOG_ERROR, "kernels", "decode_layers (%d blocks): launch failed: %s",

@@ -399,23 +399,17 @@ static int check_dims(const struct rn_config *c)
 
 /* The decode step's work split (kn_llm_decode_plan) for this card, and
  * whether a resident step may run as one persistent kernel: cooperative
- * launches must be supported. BNBFS_DECODE=kernels keeps the per-step
- * launches; BNBFS_DECODE_BPS=N caps the persistent grid at N blocks a
- * multiprocessor; BNBFS_DECODE_PFA=1 prefetches expert rows a batch ahead
- * (all to compare). */
+ * launches must be supported (otherwise resident decode launches each step,
+ * as the 24 GB mode does). */
 static int decode_plan(struct rn_engine *e, const struct cudaDeviceProp *prop)
 {
     const struct rn_config *c = &e->c;
-    const char *bps = getenv("BNBFS_DECODE_BPS");
-    const int max_bps = bps && atoi(bps) > 0 ? atoi(bps) : 32;
-    if (kn_llm_decode_plan(e->nsm, max_bps, c->hidden, c->intermediate, c->nexperts, c->topk,
-                           c->nheads, c->head_dim, &e->plan)) {
+    if (kn_llm_decode_plan(e->nsm, c->hidden, c->intermediate, c->nexperts, c->topk, c->nheads,
+                           c->head_dim, &e->plan)) {
         dq_log(DQ_LOG_ERROR, ENG_TAG, "unsupported model shape for the decode kernels");
         return -ENOTSUP;
     }
-    const char *mode = getenv("BNBFS_DECODE");
-    e->persistent = e->plan.blocks > 0 && prop->cooperativeLaunch &&
-                    !(mode && strcmp(mode, "kernels") == 0);
+    e->persistent = e->plan.blocks > 0 && prop->cooperativeLaunch;
     return 0;
 }
 
@@ -450,7 +444,6 @@ static int decode_args(struct rn_engine *e)
         return eng_cuda_fail(ce, "cudaMemcpy(decode layers)", __FILE__, __LINE__);
     struct kn_attn_geom g = geom(e, 0);
     g.window = 0;
-    const char *pfa = getenv("BNBFS_DECODE_PFA");
     e->dargs = (struct kn_decode_args){
         .layers = e->d_layers, .nlayers = c->nlayers, .H = c->hidden, .I = c->intermediate,
         .E = c->nexperts, .topk = c->topk, .g = g, .eps = c->rms_eps, .limit = c->swiglu_limit,
@@ -458,7 +451,7 @@ static int decode_args(struct rn_engine *e)
         .attn = e->attn, .act = e->act, .rlogits = e->rlogits, .attn_partial = e->attn_partial,
         .moe_partial = e->moe_partial, .attn_counters = e->attn_counters,
         .gu_counters = e->gu_counters, .dn_counters = e->dn_counters, .barrier = e->barrier,
-        .plan = e->plan, .moe_pfa = pfa && strcmp(pfa, "1") == 0,
+        .plan = e->plan,
     };
     dq_log(DQ_LOG_INFO, ENG_TAG, "decode: one persistent kernel a token, %d blocks (%d a "
            "multiprocessor), expert splits %d/%d, attention splits %d", e->plan.blocks,

@@ -96,8 +96,8 @@ struct rn_engine {
     int *attn_counters, *gu_counters, *dn_counters, *or_counter;
     struct kn_decode_plan plan; /* work splits, shared by both decode drivers */
     /* Resident decode runs every layer in one persistent kernel
-     * (kn_llm_decode_layers) unless BNBFS_DECODE=kernels; the 24 GB mode
-     * launches the layer's steps one by one (same plan, same bits). */
+     * (kn_llm_decode_layers) where cooperative launches work; the 24 GB
+     * mode launches the layer's steps one by one (same plan, same bits). */
     bool persistent;
     struct kn_decode_layer *d_layers;   /* device [nlayers] */
     float *rlogits;             /* device [E] */

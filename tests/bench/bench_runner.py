@@ -20,9 +20,7 @@ shapes, random weights; generated into DIR by tests/fixtures/gen_fixture.py
                that many bytes allow over PCIe 4 x16 (25 GB/s, an RTX 3090)
   transformers GptOssForCausalLM (fp16, eager attention) on the same mount and
                card: the same decode and prefill shapes
-  kernels, bps2, pfa, nopdl  resident decode with BNBFS_DECODE=kernels (one
-               launch per layer step), BNBFS_DECODE_BPS=2, BNBFS_DECODE_PFA=1,
-               BNBFS_PDL=0 (comparisons)
+  nopdl        resident decode with BNBFS_PDL=0 (comparison)
   base         resident decode of the builds given by --base-build (e.g. the
                code before a change), same run and card
 Prints a table and appends it with the card's name and the date to --results;
@@ -144,25 +142,6 @@ def stage_nopdl(a, res):
     res["nopdl"] = driver_bench(a, "--repeat", 3, env={"BNBFS_PDL": "0"}, prefill=False)
 
 
-def stage_kernels(a, res):
-    """Resident decode with one launch per layer step (BNBFS_DECODE=kernels)
-    instead of the persistent kernel (comparison)."""
-    res["kernels"] = driver_bench(a, "--repeat", 3, env={"BNBFS_DECODE": "kernels"},
-                                  prefill=False)
-
-
-def stage_bps2(a, res):
-    """Resident decode with the persistent kernel at 2 blocks a
-    multiprocessor (BNBFS_DECODE_BPS=2; comparison)."""
-    res["bps2"] = driver_bench(a, "--repeat", 3, env={"BNBFS_DECODE_BPS": "2"}, prefill=False)
-
-
-def stage_pfa(a, res):
-    """Resident decode with the expert GEMVs prefetching a batch of rows
-    ahead into L2 (BNBFS_DECODE_PFA=1; comparison)."""
-    res["pfa"] = driver_bench(a, "--repeat", 3, env={"BNBFS_DECODE_PFA": "1"}, prefill=False)
-
-
 def stage_base(a, res):
     """Resident decode of other builds (--base-build, once or more: e.g. the
     commit before a change), in the same run on the same card."""
@@ -265,11 +244,8 @@ def table(res, card):
             mpt = B["decode_moved_per_token"]
             add("--vram-budget 24G bytes moved per decode token", f"{mpt / 1e9:.2f} GB")
             add("PCIe 4 x16 (25 GB/s) bound for that traffic", f"{PCIE4 / mpt:.1f} tok/s")
-    cmp = [("kernels", "one launch per layer step (BNBFS_DECODE=kernels)"),
-           ("bps2", "persistent kernel at 2 blocks a multiprocessor (BNBFS_DECODE_BPS=2)"),
-           ("pfa", "expert rows prefetched a batch ahead (BNBFS_DECODE_PFA=1)")]
-    cmp += [(k, f"build {res[k].get('build', '')} (--base-build)")
-            for k in sorted(res) if k.startswith("base") and res[k]]
+    cmp = [(k, f"build {res[k].get('build', '')} (--base-build)")
+           for k in sorted(res) if k.startswith("base") and res[k]]
     for key, what in cmp:
         X = res.get(key) or {}
         if X and R:
@@ -351,7 +327,6 @@ def main():
            "failed": {}}
     stages = {"cold": stage_cold, "resident": stage_resident, "budget": stage_budget,
               "transformers": stage_transformers, "nopdl": stage_nopdl, "stream": stage_stream,
-              "kernels": stage_kernels, "bps2": stage_bps2, "pfa": stage_pfa,
               "base": stage_base}
     p = None
     for st in a.stages.split(","):

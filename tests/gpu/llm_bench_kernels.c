@@ -238,9 +238,7 @@ int main(int argc, char **argv)
     x.act = dev_f32((size_t)K * I, 0.1f);
     x.wts = dev_f32(K, 0.25f);
     x.logits = dev_f32(V, 0);
-    const char *bps = getenv("BNBFS_DECODE_BPS");
-    if (kn_llm_decode_plan(x.nsm, bps && atoi(bps) > 0 ? atoi(bps) : 32, H, I, E, K, NH, HD,
-                           &x.plan))
+    if (kn_llm_decode_plan(x.nsm, H, I, E, K, NH, HD, &x.plan))
         return 1;
     x.ks_gu = x.plan.ks_gu;
     x.ks_dn = x.plan.ks_dn;
@@ -337,11 +335,6 @@ int main(int argc, char **argv)
                            4.0 * (H * 2.0 * I + (double)I * H)) * 2;
         double tl = time_kernel(k_layers, &x, 1, x.s) / NL;
         printf(", \"decode_layer\": {\"us\": %.2f, \"GBps\": %.1f}", tl * 1e6, lb / tl / 1e9);
-        x.dargs.moe_pfa = 1;
-        tl = time_kernel(k_layers, &x, 1, x.s) / NL;
-        printf(", \"decode_layer_pfa\": {\"us\": %.2f, \"GBps\": %.1f}", tl * 1e6,
-               lb / tl / 1e9);
-        x.dargs.moe_pfa = 0;
         /* where a layer's time goes: block 0's clock at each phase's end */
         uint64_t *dts, hts[1 + 6 * NL];
         CK(cudaMalloc((void **)&dts, sizeof hts));
