@@ -30,33 +30,6 @@ static char *path_join(const char *dir, const char *name)
     return p;
 }
 
-static int read_small_file(const char *path, char **out, size_t *len)
-{
-    int fd = open(path, O_RDONLY | O_CLOEXEC);
-    if (fd < 0)
-        return -errno;
-    struct stat st;
-    if (fstat(fd, &st) < 0 || st.st_size > (64 << 20)) {
-        close(fd);
-        return -EFBIG;
-    }
-    char *buf = malloc((size_t)st.st_size + 1);
-    if (!buf) {
-        close(fd);
-        return -ENOMEM;
-    }
-    ssize_t n = pread(fd, buf, (size_t)st.st_size, 0);
-    close(fd);
-    if (n != st.st_size) {
-        free(buf);
-        return -EIO;
-    }
-    buf[n] = 0;
-    *out = buf;
-    *len = (size_t)n;
-    return 0;
-}
-
 static int cmp_tensor_name(const void *a, const void *b)
 {
     const struct dq_tensor *const *x = a, *const *y = b;
@@ -95,7 +68,7 @@ static int open_index(struct dq_ckpt *ck, const char *index_path)
 {
     char *buf = NULL;
     size_t len = 0;
-    int rc = read_small_file(index_path, &buf, &len);
+    int rc = dq_read_file(index_path, 64u << 20, &buf, &len);
     if (rc) {
         dq_log(DQ_LOG_ERROR, TAG, "%s: cannot read: %s", index_path, strerror(-rc));
         return rc;

@@ -288,6 +288,13 @@ int dq_guard(int (*fn)(void *ctx), void *ctx);
 
 /* --------------------------------------------------------------- misc */
 
+/* Reads a whole regular file of at most max_bytes into *out (malloc'd,
+ * NUL-terminated; *len its size when len is not NULL). Not logged: callers
+ * say what the file was for. -errno from open/read, -EISDIR or -EINVAL for
+ * a directory or other non-regular file, -EFBIG past max_bytes, -EIO when
+ * the file shrank while read. */
+int dq_read_file(const char *path, uint64_t max_bytes, char **out, size_t *len);
+
 /* Parse "2G", "512M", "1.5G", "4096" (bytes; K/M/G/T are powers of 1024). */
 int dq_parse_size(const char *s, uint64_t *out);
 /* Format bytes as "1.50 GiB" into buf. */

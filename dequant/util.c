@@ -2,6 +2,7 @@
  * formatting, the parallel-for, and the SIGBUS guard that turns a fault on a
  * truncated mapped source into -EIO for the faulting thread only. */
 #include <errno.h>
+#include <fcntl.h>
 #include <math.h>
 #include <pthread.h>
 #include <sched.h>
@@ -12,6 +13,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include "dequant.h"
@@ -55,6 +57,54 @@ int dq_out_dtype_parse(const char *s, enum dq_dtype *out)
     else
         return -EINVAL;
     return 0;
+}
+
+/* --------------------------------------------------------------- files */
+
+int dq_read_file(const char *path, uint64_t max_bytes, char **out, size_t *len)
+{
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return -errno;
+    struct stat st;
+    int rc = 0;
+    char *buf = NULL;
+    if (fstat(fd, &st) < 0) {
+        rc = -errno;
+        goto out;
+    }
+    if (!S_ISREG(st.st_mode)) {
+        rc = S_ISDIR(st.st_mode) ? -EISDIR : -EINVAL;
+        goto out;
+    }
+    if ((uint64_t)st.st_size > max_bytes) {
+        rc = -EFBIG;
+        goto out;
+    }
+    size_t n = (size_t)st.st_size, got = 0;
+    if (!(buf = malloc(n + 1))) {
+        rc = -ENOMEM;
+        goto out;
+    }
+    while (got < n) {
+        ssize_t r = pread(fd, buf + got, n - got, (off_t)got);
+        if (r < 0 && errno == EINTR)
+            continue;
+        if (r <= 0) {
+            rc = r < 0 ? -errno : -EIO;
+            goto out;
+        }
+        got += (size_t)r;
+    }
+    buf[n] = 0;
+    *out = buf;
+    buf = NULL;
+    if (len)
+        *len = n;
+out:
+    free(buf);
+    close(fd);
+    return rc;
 }
 
 /* --------------------------------------------------------------- sizes */

@@ -36,49 +36,10 @@ struct model_priv {
 
 /* ----------------------------------------------------------- json utils */
 
-static int read_text(const char *path, char **out)
-{
-    int fd = open(path, O_RDONLY | O_CLOEXEC);
-    if (fd < 0)
-        return -errno;
-    struct stat st;
-    if (fstat(fd, &st) < 0) {
-        int rc = -errno;
-        close(fd);
-        return rc;
-    }
-    if (!S_ISREG(st.st_mode) || st.st_size > (16 << 20)) {
-        close(fd);
-        return -EFBIG;
-    }
-    char *buf = malloc((size_t)st.st_size + 1);
-    if (!buf) {
-        close(fd);
-        return -ENOMEM;
-    }
-    size_t got = 0;
-    while (got < (size_t)st.st_size) {
-        ssize_t n = pread(fd, buf + got, (size_t)st.st_size - got, (off_t)got);
-        if (n < 0 && errno == EINTR)
-            continue;
-        if (n <= 0) {
-            int rc = n < 0 ? -errno : -EIO;
-            free(buf);
-            close(fd);
-            return rc;
-        }
-        got += (size_t)n;
-    }
-    close(fd);
-    buf[got] = 0;
-    *out = buf;
-    return 0;
-}
-
 static int load_json(const char *path, bool optional, cJSON **out)
 {
     char *text = NULL;
-    int rc = read_text(path, &text);
+    int rc = dq_read_file(path, 16u << 20, &text, NULL);
     if (rc == -ENOENT && optional) {
         *out = NULL;
         return 0;

@@ -216,57 +216,17 @@ static int byte_level_decode(struct rn_tok *t, const int16_t *inv, const char *s
 
 /* --------------------------------------------------------------- open */
 
+/* tokenizer.json of a 200k vocab is ~13 MB; anything past 1 GiB is refused. */
 static int read_file(const char *path, char **data, size_t *len)
 {
-    int fd = open(path, O_RDONLY | O_CLOEXEC);
-    if (fd < 0) {
-        int e = errno;
-        dq_log(DQ_LOG_ERROR, TAG, "%s: %s", path, strerror(e));
-        return -e;
-    }
-    struct stat st;
-    if (fstat(fd, &st) < 0) {
-        int e = errno;
-        dq_log(DQ_LOG_ERROR, TAG, "%s: %s", path, strerror(e));
-        close(fd);
-        return -e;
-    }
-    if (!S_ISREG(st.st_mode)) {
+    int r = dq_read_file(path, (uint64_t)1 << 30, data, len);
+    if (r == -EFBIG)
+        dq_log(DQ_LOG_ERROR, TAG, "%s: too large for a tokenizer (over 1 GiB)", path);
+    else if (r == -EINVAL)
         dq_log(DQ_LOG_ERROR, TAG, "%s: not a regular file", path);
-        close(fd);
-        return S_ISDIR(st.st_mode) ? -EISDIR : -EINVAL;
-    }
-    /* tokenizer.json of a 200k vocab is ~13 MB; refuse absurd sizes */
-    if (st.st_size > (off_t)1 << 30) {
-        dq_log(DQ_LOG_ERROR, TAG, "%s: %lld bytes is too large for a tokenizer", path,
-               (long long)st.st_size);
-        close(fd);
-        return -EFBIG;
-    }
-    size_t n = (size_t)st.st_size, got = 0;
-    char *buf = malloc(n + 1);
-    if (!buf) {
-        close(fd);
-        return -ENOMEM;
-    }
-    while (got < n) {
-        ssize_t r = read(fd, buf + got, n - got);
-        if (r < 0 && errno == EINTR)
-            continue;
-        if (r <= 0) {
-            int e = r < 0 ? errno : EIO;
-            dq_log(DQ_LOG_ERROR, TAG, "%s: read: %s", path, r < 0 ? strerror(e) : "short file");
-            free(buf);
-            close(fd);
-            return -e;
-        }
-        got += (size_t)r;
-    }
-    close(fd);
-    buf[n] = 0;
-    *data = buf;
-    *len = n;
-    return 0;
+    else if (r)
+        dq_log(DQ_LOG_ERROR, TAG, "%s: %s", path, strerror(-r));
+    return r;
 }
 
 /* Logs "PATH: what" and returns -EINVAL. */
