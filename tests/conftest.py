@@ -95,3 +95,23 @@ def tokenizer_dir():
             tmp.write_bytes(data)
             os.replace(tmp, out / name)  # atomic: parallel test processes may race here
     return out
+
+
+@pytest.fixture(scope="session")
+def tokdir():
+    """Directory of the real gpt-oss tokenizer files (see tokenizer_dir)."""
+    return tokenizer_dir()
+
+
+@pytest.fixture(scope="session")
+def tiny_hf(tiny, tmp_path_factory):
+    """The tiny fixture as an HF-canonical F16 checkpoint, as a mount would
+    show it: expected/'s safetensors and config (no quantization_config) plus
+    the source's tokenizer and generation config."""
+    d = tmp_path_factory.mktemp("tiny-hf")
+    os.symlink(tiny / "expected" / "model.safetensors", d / "model.safetensors")
+    os.symlink(tiny / "expected" / "config.json", d / "config.json")
+    for f in ("generation_config.json", "tokenizer.json", "tokenizer_config.json",
+              "special_tokens_map.json"):
+        os.symlink(tiny / "src" / f, d / f)
+    return d

@@ -26,11 +26,6 @@ HELLO_TEXT = ("<|start|>system<|message|>You are ChatGPT, a large language model
 
 
 @pytest.fixture(scope="module")
-def tokdir():
-    return tokenizer_dir()
-
-
-@pytest.fixture(scope="module")
 def enc(tokdir):
     t = Tokenizer.from_file(str(tokdir / "tokenizer.json"))
     t.encode_special_tokens = True

@@ -12,17 +12,12 @@ import numpy as np
 
 import pytest
 
-from conftest import gpu_present, tokenizer_dir
+from conftest import gpu_present
 
 
 @pytest.fixture(scope="module")
 def exe(bin_path):
     return str(bin_path("bnbfs-run"))
-
-
-@pytest.fixture(scope="module")
-def tokdir():
-    return tokenizer_dir()
 
 
 def run(exe, *args, stdin=b"", env=None):
@@ -164,16 +159,8 @@ def test_bad_prompt_is_refused_before_loading(exe, tokdir):
 
 
 @pytest.fixture(scope="module")
-def tiny_model(tiny, tmp_path_factory):
-    """The tiny fixture as an HF-canonical model directory (its expected/
-    F16 weights and config, the source's tokenizer and generation config)."""
-    d = tmp_path_factory.mktemp("tiny_model")
-    os.symlink(tiny / "expected" / "model.safetensors", d / "model.safetensors")
-    os.symlink(tiny / "expected" / "config.json", d / "config.json")
-    for f in ("generation_config.json", "tokenizer.json", "tokenizer_config.json",
-              "special_tokens_map.json"):
-        os.symlink(tiny / "src" / f, d / f)
-    return d
+def tiny_model(tiny_hf):
+    return tiny_hf
 
 
 def test_check_summarizes_the_model(exe, tiny_model):

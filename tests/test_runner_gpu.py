@@ -27,17 +27,8 @@ V = 201088
 
 
 @pytest.fixture(scope="module")
-def model_dir(tiny, tmp_path_factory):
-    """The tiny fixture as an HF-canonical F16 checkpoint: expected/'s
-    safetensors and config (no quantization_config) plus the passthrough
-    files a mount would show."""
-    d = tmp_path_factory.mktemp("tiny-hf")
-    os.symlink(tiny / "expected" / "model.safetensors", d / "model.safetensors")
-    os.symlink(tiny / "expected" / "config.json", d / "config.json")
-    for f in ("generation_config.json", "tokenizer.json", "tokenizer_config.json",
-              "special_tokens_map.json"):
-        os.symlink(tiny / "src" / f, d / f)
-    return d
+def model_dir(tiny_hf):
+    return tiny_hf
 
 
 @pytest.fixture(scope="module")

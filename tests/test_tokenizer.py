@@ -12,7 +12,7 @@ import subprocess
 import pytest
 from tokenizers import Tokenizer
 
-from conftest import tokenizer_dir
+
 
 SPECIAL_IN_TEXT = "<|start|>user<|message|>hi<|end|> <|endoftext|><|return|><|channel|>"
 
@@ -52,11 +52,6 @@ CORPUS = {
     "single_space": " ",
     "single_newline": "\n",
 }
-
-
-@pytest.fixture(scope="module")
-def tokdir():
-    return tokenizer_dir()
 
 
 @pytest.fixture(scope="module")
