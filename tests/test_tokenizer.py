@@ -12,8 +12,6 @@ import subprocess
 import pytest
 from tokenizers import Tokenizer
 
-
-
 SPECIAL_IN_TEXT = "<|start|>user<|message|>hi<|end|> <|endoftext|><|return|><|channel|>"
 
 CORPUS = {
