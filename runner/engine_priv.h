@@ -139,6 +139,7 @@ struct rn_engine {
     size_t h_mirror_bytes;
     bool h_mirror_pinned;       /* registered with CUDA (page-locked) */
     size_t expert_bytes;        /* one expert: gate_up + down, bytes */
+    struct eng_q4 *q4;          /* 4-bit expert store (engine_q4.c), or NULL; owned */
 
     int pos;
     struct rn_engine_stats stats;

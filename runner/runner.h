@@ -116,6 +116,21 @@ struct rn_engine_opts {
     bool progress;            /* loading progress on stderr even when not a terminal */
     bool expert_nocache;      /* benchmarks: in the 24 GB mode every expert use is a miss
                                * (measures the copy path whatever the routing) */
+    const char *expert_source;/* 24 GB mode: the bitsandbytes 4-bit checkpoint behind the
+                               * model dir's experts; misses are then dequantized on the GPU
+                               * from its 4-bit data (bit-identical to the F16 files). NULL:
+                               * ask the model dir (a bnbfs mount names its source in the
+                               * user.bnbfs.source xattr of its root); "": none, the F16
+                               * experts of the model dir go over PCIe */
+};
+
+/* Where the 24 GB mode keeps the experts that are not in the GPU cache. */
+enum rn_expert_store {
+    RN_STORE_RESIDENT = 0,    /* no cache: every expert is on the GPU */
+    RN_STORE_F16_HOST,        /* F16 in host memory; a miss copies 50 MB over PCIe */
+    RN_STORE_Q4_HOST,         /* 4-bit in pinned host memory; a miss copies ~13 MB, the
+                               * GPU dequantizes it into the slot */
+    RN_STORE_Q4_GPU,          /* 4-bit on the GPU; a miss is a dequantization kernel */
 };
 
 struct rn_engine_stats {
@@ -124,6 +139,8 @@ struct rn_engine_stats {
     double prefill_s, decode_s;
     uint64_t expert_hits, expert_misses; /* 24 GB mode; 0/0 when fully resident */
     uint64_t bytes_moved;     /* host->device expert bytes since start */
+    uint64_t bytes_dequant;   /* F16 expert bytes the GPU dequantized into slots */
+    enum rn_expert_store store;
     bool resident;            /* every weight on the GPU */
     int expert_slots;         /* 24 GB mode: experts the GPU cache holds (0 when resident) */
     uint64_t vram_bytes;      /* the engine's device allocation */
