@@ -461,6 +461,9 @@ int fs_node_xxh3(struct fs_core *c, struct fs_node *n, uint8_t out[16])
 static const char *const XA_XXH3 = "user.bnbfs.xxh3";
 static const char *const XA_TENSOR[] = { "user.bnbfs.dtype", "user.bnbfs.shape",
                                          "user.bnbfs.source", "user.bnbfs.quant" };
+/* On the root: the absolute path of SRC, so a reader that can use the 4-bit
+ * data itself (bnbfs-run's 24 GB mode) finds it from the mount alone. */
+static const char *const XA_ROOT_SOURCE = "user.bnbfs.source";
 
 static int xa_reply(const char *val, size_t vlen, char *buf, size_t size, size_t *len)
 {
@@ -486,6 +489,10 @@ int fs_xattr_list(struct fs_core *c, uint64_t ino, char *buf, size_t size, size_
         memcpy(names + k, XA_XXH3, strlen(XA_XXH3) + 1);
         k += strlen(XA_XXH3) + 1;
     }
+    if (n->ino == FS_ROOT_INO) {
+        memcpy(names + k, XA_ROOT_SOURCE, strlen(XA_ROOT_SOURCE) + 1);
+        k += strlen(XA_ROOT_SOURCE) + 1;
+    }
     if (n->kind == FS_K_TENSOR)
         for (size_t i = 0; i < 4; i++) {
             memcpy(names + k, XA_TENSOR[i], strlen(XA_TENSOR[i]) + 1);
@@ -507,6 +514,8 @@ int fs_xattr_get(struct fs_core *c, uint64_t ino, const char *name, char *buf, s
         for (int i = 0; i < 16; i++) snprintf(hex + 2 * i, 3, "%02x", h[i]);
         return xa_reply(hex, 32, buf, size, len);
     }
+    if (n->ino == FS_ROOT_INO && !strcmp(name, XA_ROOT_SOURCE))
+        return xa_reply(c->src, strlen(c->src), buf, size, len);
     struct fs_tensor *t = node_tensor(c, n);
     if (!t && n->kind == FS_K_TENSOR) {
         /* A zero-size tensor has no extent: find it by name. */

@@ -174,6 +174,14 @@ def test_tensor_xattrs(mnt, tiny, exp):
     assert e.value.errno == errno.ENODATA
 
 
+def test_root_names_its_source_directory(mnt, tiny):
+    # bnbfs-run's 24 GB mode reads the 4-bit experts from here.
+    root = mnt.path()
+    assert "user.bnbfs.source" in os.listxattr(root)
+    assert os.getxattr(root, "user.bnbfs.source").decode() == os.path.realpath(tiny / "src")
+    assert "user.bnbfs.source" not in os.listxattr(mnt.path("config.json"))
+
+
 def test_xxh3_of_every_virtual_file_is_its_content_hash(mnt, tiny):
     for n in ["config.json", "model.safetensors.index.json", "README.md"] + SHARDS[1:]:
         p = mnt.path(n)
