@@ -178,43 +178,10 @@ route_kernel(const float *__restrict__ hn, const __half *__restrict__ Wr,
     __syncthreads();
     if (warp >= nt)
         return;
-    /* One warp per token: top-k, ties to the lower index (as the decode
-     * router in llm_gemv.cu). */
+    /* One warp per token (warp_topk_softmax, as decode routes). */
     const int t = warp;
-    for (int k = 0; k < topk; k++) {
-        float bv = 0.f;
-        int bi = INT_MAX;
-        for (int e = lane; e < E; e += 32) {
-            bool taken = false;
-            for (int j = 0; j < k; j++)
-                taken |= cidx[t][j] == e;
-            const float v = logits[t][e];
-            if (!taken && (bi == INT_MAX || v > bv))
-                bv = v, bi = e;
-        }
-#pragma unroll
-        for (int o = 16; o > 0; o >>= 1) {
-            const float ov = __shfl_xor_sync(0xffffffffu, bv, o);
-            const int oi = __shfl_xor_sync(0xffffffffu, bi, o);
-            if (oi != INT_MAX && (bi == INT_MAX || ov > bv || (ov == bv && oi < bi)))
-                bv = ov, bi = oi;
-        }
-        if (lane == 0) {
-            cval[t][k] = bv;
-            cidx[t][k] = bi;
-        }
-        __syncwarp();
-    }
-    if (lane == 0) {
-        const float m = cval[t][0];
-        float sum = 0.f;
-        for (int k = 0; k < topk; k++)
-            sum += expf(cval[t][k] - m);
-        for (int k = 0; k < topk; k++) {
-            ids[(size_t)(t0 + t) * topk + k] = cidx[t][k];
-            w[(size_t)(t0 + t) * topk + k] = expf(cval[t][k] - m) / sum;
-        }
-    }
+    warp_topk_softmax(logits[t], E, topk, ids + (size_t)(t0 + t) * topk,
+                      w + (size_t)(t0 + t) * topk, cval[t], cidx[t]);
 }
 
 extern "C" int kn_llm_route(const float *hn, const kn_half *Wr, const float *br, int n, int H,

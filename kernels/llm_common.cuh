@@ -5,6 +5,7 @@
 #define BNBFS_KERNELS_LLM_COMMON_CUH
 
 #include <errno.h>
+#include <limits.h>
 #include <math.h>
 #include <stdint.h>
 
@@ -101,6 +102,52 @@ __device__ __forceinline__ void axpy8(float acc[8], float x, uint4 w)
     acc[5] = fmaf(x, w2.y, acc[5]);
     acc[6] = fmaf(x, w3.x, acc[6]);
     acc[7] = fmaf(x, w3.y, acc[7]);
+}
+
+/* MoE routing of one token by one warp: the top-k of logits[E], ties to
+ * the lower index (a NaN never wins over a number), into ids[topk], and the
+ * softmax of the chosen logits into w[topk] (ids, w: shared or global).
+ * chosen_val/chosen_idx: shared scratch [topk]. Prefill (llm_batch.cu) and
+ * decode (llm_decode.cuh) both route through this one function, so they
+ * pick the same experts from the same logits. */
+__device__ __forceinline__ void warp_topk_softmax(const float *logits, int E, int topk, int *ids,
+                                                  float *w, float *chosen_val, int *chosen_idx)
+{
+    const int lane = threadIdx.x & 31;
+    for (int k = 0; k < topk; k++) {
+        float bv = 0.f;
+        int bi = INT_MAX;
+        for (int e = lane; e < E; e += 32) {   /* e grows: strict > keeps the lower index */
+            bool taken = false;
+            for (int j = 0; j < k; j++)
+                taken |= chosen_idx[j] == e;
+            const float v = logits[e];
+            if (!taken && (bi == INT_MAX || v > bv))
+                bv = v, bi = e;
+        }
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) {
+            const float ov = __shfl_xor_sync(0xffffffffu, bv, o);
+            const int oi = __shfl_xor_sync(0xffffffffu, bi, o);
+            if (oi != INT_MAX && (bi == INT_MAX || ov > bv || (ov == bv && oi < bi)))
+                bv = ov, bi = oi;
+        }
+        if (lane == 0) {
+            chosen_val[k] = bv;
+            chosen_idx[k] = bi;
+        }
+        __syncwarp();
+    }
+    if (lane == 0) {
+        const float m = chosen_val[0];
+        float sum = 0.f;
+        for (int k = 0; k < topk; k++)
+            sum += expf(chosen_val[k] - m);
+        for (int k = 0; k < topk; k++) {
+            ids[k] = chosen_idx[k];
+            w[k] = expf(chosen_val[k] - m) / sum;
+        }
+    }
 }
 
 static inline int kn_div_up(long a, long b) { return (int)((a + b - 1) / b); }
