@@ -187,6 +187,20 @@ struct kn_decode_args {
  * PDL; a kernel after it waits for its end. Returns 0 or -EIO. */
 int kn_llm_decode_layers(const struct kn_decode_args *a, cudaStream_t s);
 
+/* Greedy pick on the GPU, so only 4 bytes come back a token. */
+struct kn_pick {
+    unsigned long long key;     /* scratch: the best (value, index) key; 0 between launches */
+    int32_t arrived;            /* scratch: blocks done; 0 between launches */
+    int32_t id;                 /* result: the picked index, or -1 */
+};
+/* p->id = the lowest index among the largest finite values of logits[n]
+ * (NaN and +-inf are never picked, -0 equals +0): what bnbfs-run's sampler
+ * picks at temperature 0 (runner/sample.c); -1 when no value is finite.
+ * p: device memory, zero before the first launch, its scratch left zero by
+ * every launch (graph-capturable). Launched with PDL like the decode
+ * kernels. */
+int kn_llm_argmax(const float *logits, int n, struct kn_pick *p, cudaStream_t s);
+
 /* ----------------------------------------------------------- prefill */
 
 /* x[i] = embed[ids[i]] (fp32 rows of H), i < n. */

@@ -208,6 +208,9 @@ static int decode_body(struct rn_engine *e)
     }
     TRY(kn_llm_rmsnorm(e->x, e->final_norm, c->rms_eps, 1, H, NULL, e->hfin, st));
     TRY(kn_llm_gemv(e->lm_head, NULL, c->vocab, H, e->hfin, NULL, 0.f, 0, e->logits, st));
+    /* The greedy pick, in the graph with the step (a few us, from L2), so a
+     * greedy caller needs 4 bytes back instead of the 804 KB of logits. */
+    TRY(kn_llm_argmax(e->logits, c->vocab, e->d_pick, st));
     return 0;
 }
 
@@ -373,6 +376,7 @@ static int prefill_chunk(struct rn_engine *e, const int32_t *ids, int n, bool wa
         TRY(kn_llm_rmsnorm(e->X + (size_t)(n - 1) * H, e->final_norm, c->rms_eps, 1, H, NULL,
                            e->hfin, st));
         TRY(kn_llm_gemv(e->lm_head, NULL, c->vocab, H, e->hfin, NULL, 0.f, 0, e->logits, st));
+        TRY(kn_llm_argmax(e->logits, c->vocab, e->d_pick, st));
     }
     return 0;
 }
@@ -529,6 +533,9 @@ static int engine_init(struct rn_engine *e)
     }
     TRY(rope_table(e));
     CU(cudaHostAlloc((void **)&e->h_step, sizeof *e->h_step, cudaHostAllocDefault));
+    CU(cudaHostAlloc((void **)&e->h_pick, sizeof *e->h_pick, cudaHostAllocDefault));
+    CU(cudaMalloc((void **)&e->d_pick, sizeof *e->d_pick));
+    CU(cudaMemset(e->d_pick, 0, sizeof *e->d_pick));
     CU(cudaHostAlloc((void **)&e->h_logits, (size_t)c->vocab * sizeof(float),
                      cudaHostAllocDefault));
     CU(cudaHostAlloc((void **)&e->h_tok, (size_t)e->chunk * sizeof(int32_t),
@@ -604,18 +611,23 @@ void rn_engine_free(struct rn_engine *e)
     if (e->cst)
         cudaStreamDestroy(e->cst);
     void *pinned[] = {e->h_step, e->h_logits, e->h_tok, e->h_offsets, e->h_x, e->h_ids,
-                      (void *)e->h_wptr};
+                      (void *)e->h_wptr, e->h_pick};
     for (size_t i = 0; i < sizeof pinned / sizeof *pinned; i++)
         if (pinned[i])
             cudaFreeHost(pinned[i]);
     eng_host_experts_free(e);
+    if (e->d_pick)
+        cudaFree(e->d_pick);
     if (e->pool)
         cudaFree(e->pool);
     free(e->L);
     free(e);
 }
 
-int rn_engine_forward(struct rn_engine *e, const int32_t *ids, int n, float *logits)
+/* Runs ids and brings back the logits (when logits is set or no pick is
+ * asked for, so rn_engine_last_logits stays valid for rn_engine_forward's
+ * callers) and/or the GPU's greedy pick. */
+static int forward(struct rn_engine *e, const int32_t *ids, int n, float *logits, int32_t *id)
 {
     const struct rn_config *c = &e->c;
     if (n < 1) {
@@ -645,11 +657,18 @@ int rn_engine_forward(struct rn_engine *e, const int32_t *ids, int n, float *log
             done += len;
         }
     }
-    CU(cudaMemcpyAsync(e->h_logits, e->logits, (size_t)c->vocab * sizeof(float),
-                       cudaMemcpyDeviceToHost, e->st));
+    e->h_logits_valid = logits || !id;
+    if (e->h_logits_valid)
+        CU(cudaMemcpyAsync(e->h_logits, e->logits, (size_t)c->vocab * sizeof(float),
+                           cudaMemcpyDeviceToHost, e->st));
+    if (id)
+        CU(cudaMemcpyAsync(e->h_pick, &e->d_pick->id, sizeof *e->h_pick, cudaMemcpyDeviceToHost,
+                           e->st));
     CU(cudaStreamSynchronize(e->st));
     if (logits)
         memcpy(logits, e->h_logits, (size_t)c->vocab * sizeof(float));
+    if (id)
+        *id = *e->h_pick;
     const double dt = now_s() - t0;
     if (n == 1) {
         e->stats.decode_tokens++;
@@ -661,9 +680,23 @@ int rn_engine_forward(struct rn_engine *e, const int32_t *ids, int n, float *log
     return 0;
 }
 
+int rn_engine_forward(struct rn_engine *e, const int32_t *ids, int n, float *logits)
+{
+    return forward(e, ids, n, logits, NULL);
+}
+
+int rn_engine_forward_pick(struct rn_engine *e, const int32_t *ids, int n, float *logits,
+                           int32_t *id)
+{
+    return forward(e, ids, n, logits, id);
+}
+
 int rn_engine_pos(const struct rn_engine *e) { return e->pos; }
 
-const float *rn_engine_last_logits(const struct rn_engine *e) { return e->h_logits; }
+const float *rn_engine_last_logits(const struct rn_engine *e)
+{
+    return e->h_logits_valid ? e->h_logits : NULL;
+}
 
 int rn_engine_truncate(struct rn_engine *e, int pos)
 {

@@ -104,6 +104,10 @@ struct rn_engine {
     unsigned *barrier;          /* device; the persistent kernel's grid barrier */
     struct kn_decode_args dargs;
     float *h_logits;            /* pinned [V] */
+    bool h_logits_valid;        /* h_logits holds the last forward's logits */
+    struct kn_pick *d_pick;     /* device; greedy pick of the last logits (own cudaMalloc:
+                                 * 16 bytes, zeroed at creation; kn_llm_argmax) */
+    int32_t *h_pick;            /* pinned [1]: the picked id */
     float *h_x;                 /* pinned [chunk, H]: embedding rows from the host */
     int *h_ids;                 /* pinned [topk] */
     const kn_half **d_wptr;     /* device [nlayers][2][topk]: slot pointers */

@@ -294,7 +294,13 @@ static int run_turn(struct gen *g, const struct rn_ids *prompt, struct rn_hparse
             return 1;
         g->kv.n = k;
     }
-    if (rn_engine_forward(g->e, prompt->v + k, (int)(prompt->n - k), g->logits))
+    /* Greedy without --logits: the engine picks on the GPU and returns the
+     * id, not the 804 KB of logits (same pick as the sampler at
+     * temperature 0). */
+    const bool gpu_pick = o->sample.temperature == 0 && !g->logits_f;
+    int32_t gid = -1;
+    if (rn_engine_forward_pick(g->e, prompt->v + k, (int)(prompt->n - k),
+                               gpu_pick ? NULL : g->logits, gpu_pick ? &gid : NULL))
         return 1;
     if (rn_ids_append(&g->kv, prompt->v + k, prompt->n - k))
         return rn_cli_err("out of memory");
@@ -312,7 +318,8 @@ static int run_turn(struct gen *g, const struct rn_ids *prompt, struct rn_hparse
             break;
         int32_t id;
         double t0 = now_s();
-        int r = rn_sampler_pick(g->smp, g->logits, &id);
+        int r = gpu_pick ? (gid < 0 ? -EDOM : (id = gid, 0))
+                         : rn_sampler_pick(g->smp, g->logits, &id);
         g->t_sample += now_s() - t0;
         g->nsampled++;
         if (r) {
@@ -364,7 +371,8 @@ static int run_turn(struct gen *g, const struct rn_ids *prompt, struct rn_hparse
             why = "interrupted";
             break;
         }
-        if (rn_engine_forward(g->e, &id, 1, g->logits)) {
+        if (rn_engine_forward_pick(g->e, &id, 1, gpu_pick ? NULL : g->logits,
+                                   gpu_pick ? &gid : NULL)) {
             rc = 1;
             break;
         }

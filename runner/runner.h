@@ -156,10 +156,19 @@ void rn_engine_free(struct rn_engine *e);
  * writes the fp32 logits of the last position to logits[vocab] (when not
  * NULL; see rn_engine_last_logits). */
 int rn_engine_forward(struct rn_engine *e, const int32_t *ids, int n, float *logits);
+/* rn_engine_forward, then the greedy pick of the last position on the GPU:
+ * *id = the lowest id among the largest finite logits, exactly what
+ * rn_sampler_pick picks at temperature 0 (NaN and +-inf never; -1 when no
+ * logit is finite). Only the 4-byte id comes back unless logits is not
+ * NULL; with logits NULL, rn_engine_last_logits returns NULL until a
+ * forward that brings the logits back. */
+int rn_engine_forward_pick(struct rn_engine *e, const int32_t *ids, int n, float *logits,
+                           int32_t *id);
 int rn_engine_pos(const struct rn_engine *e);
 /* The fp32 logits [vocab] of the last forward (pinned host memory owned by
  * the engine, valid until the next forward): lets a caller that passed
- * logits == NULL to rn_engine_forward skip a copy. */
+ * logits == NULL to rn_engine_forward skip a copy. NULL after a
+ * rn_engine_forward_pick that left the logits on the GPU. */
 const float *rn_engine_last_logits(const struct rn_engine *e);
 /* Forget KV positions >= pos (to re-run a changed tail of a chat). */
 int rn_engine_truncate(struct rn_engine *e, int pos);

@@ -120,6 +120,39 @@ def test_greedy_32_tokens_match_reference(gpu, bin_path, model_dir, ref, tmp_pat
     assert info["generated"] == [int(t) for t in want_ids]
     assert rows.shape == (32, V)
     assert rel_err(rows, want_rows) < TOL
+    # the engine's GPU pick (rn_engine_forward_pick) chose what the sampler
+    # chose from the same logits, at every one of the 32 steps
+    assert (info["picks"], info["pick_mismatches"]) == (32, 0)
+
+
+def test_gpu_pick_is_the_samplers_pick_on_crafted_logits(gpu, bin_path):
+    """kn_llm_argmax against bnbfs-run's temperature-0 sampler where an
+    argmax can go wrong: ties across blocks (lowest id), -0 before +0, NaN
+    and +inf ahead of the maximum (never picked), no finite logit (-1),
+    denormals, lengths that are not multiples of 4; each twice (the first
+    launch must leave its scratch clear)."""
+    r = subprocess.run([str(bin_path("llm-driver")), "--pick-selftest"], capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0, f"{r.stdout}\n{r.stderr}"
+    res = json.loads(r.stdout)
+    assert res["pick_cases"] >= 11 and res["pick_mismatches"] == 0
+
+
+def test_bnbfs_run_greedy_picks_on_the_gpu(gpu, bin_path, model_dir, tmp_path):
+    """bnbfs-run --temperature 0 without --logits takes the GPU's pick (4
+    bytes back a token); with --logits it samples on the host. Same text."""
+    ids = prompt(14, seed=11)
+
+    def run(*extra):
+        cmd = [str(bin_path("bnbfs-run")), str(model_dir), "--ids", " ".join(map(str, ids)),
+               "--raw", "--temperature", "0", "--max-tokens", "24", *extra]
+        r = subprocess.run(cmd, capture_output=True, timeout=600)
+        assert r.returncode == 0, f"{' '.join(cmd)}\n{r.stderr.decode(errors='replace')}"
+        return r.stdout
+
+    gpu_out = run()
+    host_out = run("--logits", str(tmp_path / "l.f32"))
+    assert gpu_out == host_out
 
 
 def test_graphs_and_eager_launches_agree_bitwise(gpu, bin_path, model_dir, tmp_path):

@@ -10,8 +10,16 @@
  *              [--max-context N] [--no-graphs] [--device D] [--progress]
  *              [--expert-nocache]
  *   llm-driver MODEL --bench-prefill N [--bench-decode P:G] [--repeat R] [--bandwidth]
+ *              [--host-pick]
+ *   llm-driver --pick-selftest
  *
- * Greedy picks use bnbfs-run's sampler at temperature 0.
+ * Greedy picks (--greedy) use bnbfs-run's sampler at temperature 0 on the
+ * logits; the engine's GPU pick of the same logits (rn_engine_forward_pick)
+ * is compared with it at every step ("pick_mismatches"). The timed decode
+ * loop picks as bnbfs-run does at temperature 0: on the GPU (4 bytes back
+ * a token), or with --host-pick through the sampler on the engine's pinned
+ * logits (to compare). --pick-selftest runs kn_llm_argmax on crafted logits
+ * (ties, -0/+0, NaN, +-inf, denormals, odd lengths) against the sampler.
  * Logits rows (float32, vocab each): one per forward call (the last
  * position of each piece; every position with --stepwise), then one after
  * each generated token but the last — as tests/ref/gptoss_ref.py writes.
@@ -29,12 +37,13 @@
 #include <cuda_runtime_api.h>
 
 #include "runner.h"
+#include "llm.h"
 #include "sample.h"
 
 struct args {
     const char *model, *ids, *logits;
     int feed, greedy, max_context, expert_slots, device, repeat;
-    bool stepwise, no_graphs, progress, bandwidth, nocache;
+    bool stepwise, no_graphs, progress, bandwidth, nocache, host_pick, pick_selftest;
     uint64_t vram_budget;
     int bench_prefill, bench_p, bench_g;
     uint64_t seed;
@@ -248,11 +257,12 @@ static int run_ids(const struct args *a, struct rn_model *m, struct rn_engine *e
         rn_sampler_free(gs);
         return die("cannot open", a->logits);
     }
-    int rc = 0, rows = 0;
+    int rc = 0, rows = 0, picks = 0, mismatches = 0;
+    int32_t gid = -1;           /* the engine's GPU pick of the last logits */
     const int piece = a->stepwise ? 1 : a->feed > 0 ? a->feed : n;
     for (int i = 0; !rc && i < n; i += piece) {
         const int len = n - i < piece ? n - i : piece;
-        if (rn_engine_forward(e, ids + i, len, lg)) {
+        if (rn_engine_forward_pick(e, ids + i, len, lg, &gid)) {
             rc = 1;
             break;
         }
@@ -267,10 +277,16 @@ static int run_ids(const struct args *a, struct rn_model *m, struct rn_engine *e
     printf("{\"prompt\": %d, \"rows\": %d, \"generated\": [", n, rows);
     for (int g = 0; !rc && g < a->greedy; g++) {
         int32_t t = greedy(gs, lg);
+        picks++;
+        if (t != gid) {
+            fprintf(stderr, "llm-driver: generated token %d: GPU pick %d, sampler %d\n", g, gid,
+                    t);
+            mismatches++;
+        }
         printf("%s%d", g ? ", " : "", t);
         if (g == a->greedy - 1)
             break;
-        if (rn_engine_forward(e, &t, 1, lg)) {
+        if (rn_engine_forward_pick(e, &t, 1, lg, &gid)) {
             rc = 1;
             break;
         }
@@ -281,7 +297,7 @@ static int run_ids(const struct args *a, struct rn_model *m, struct rn_engine *e
         if (f && fwrite(lg, sizeof *lg, (size_t)V, f) != (size_t)V)
             rc = die("write failed", a->logits);
     }
-    printf("], ");
+    printf("], \"picks\": %d, \"pick_mismatches\": %d, ", picks, mismatches);
     print_stats(e);
     printf("}\n");
     if (f && fclose(f) != 0)
@@ -290,6 +306,100 @@ static int run_ids(const struct args *a, struct rn_model *m, struct rn_engine *e
     free(lg);
     free(ids);
     return rc;
+}
+
+/* One crafted logits vector: kn_llm_argmax's id (twice: the second launch
+ * checks that the first left its scratch clear) against the sampler's
+ * temperature-0 pick (-1 for its -EDOM). Returns 1 on a mismatch. */
+static int pick_case(const char *name, const float *l, int n, float *d_l, struct kn_pick *d_p)
+{
+    const struct rn_sample_opts o = {.temperature = 0, .top_p = 1, .top_k = 0, .seed = 1};
+    struct rn_sampler *s = NULL;
+    int32_t want = -1, got[2] = {-2, -2};
+    if (rn_sampler_new(n, &o, &s) || cudaMemcpy(d_l, l, (size_t)n * sizeof *l,
+                                                cudaMemcpyHostToDevice) != cudaSuccess) {
+        rn_sampler_free(s);
+        return die("pick self-test: setup failed", name);
+    }
+    if (rn_sampler_pick(s, l, &want))
+        want = -1;
+    rn_sampler_free(s);
+    for (int r = 0; r < 2; r++)
+        if (kn_llm_argmax(d_l, n, d_p, 0) ||
+            cudaMemcpy(&got[r], &d_p->id, sizeof got[r], cudaMemcpyDeviceToHost) != cudaSuccess)
+            return die("pick self-test: kernel failed", name);
+    if (got[0] == want && got[1] == want)
+        return 0;
+    fprintf(stderr, "llm-driver: pick self-test %s (n %d): GPU %d then %d, sampler %d\n", name,
+            n, got[0], got[1], want);
+    return 1;
+}
+
+/* kn_llm_argmax against the sampler on vectors that probe its order: ties
+ * across blocks, -0 against +0, NaN and +-inf ahead of the maximum, no
+ * finite value at all, denormals, lengths that are not multiples of 4. */
+static int pick_selftest(int device)
+{
+    const int V = 201088;
+    float *l = malloc((size_t)V * sizeof *l), *d_l = NULL;
+    struct kn_pick *d_p = NULL;
+    if (!l || cudaSetDevice(device) != cudaSuccess ||
+        cudaMalloc((void **)&d_l, (size_t)V * sizeof *l) != cudaSuccess ||
+        cudaMalloc((void **)&d_p, sizeof *d_p) != cudaSuccess ||
+        cudaMemset(d_p, 0, sizeof *d_p) != cudaSuccess) {
+        free(l);
+        return die("pick self-test: out of memory", NULL);
+    }
+    uint64_t seed = 7;
+    int cases = 0, bad = 0;
+#define CASE(name, n) (cases++, bad += pick_case(name, l, n, d_l, d_p))
+    for (int i = 0; i < V; i++)
+        l[i] = (float)(rng_next(&seed) % 2000001) * 1e-5f - 10.f;
+    CASE("random", V);
+    l[199999] = l[150001] = l[70000] = 20.f;
+    CASE("ties across blocks", V);
+    l[7] = NAN;
+    l[8] = INFINITY;
+    l[9] = -INFINITY;
+    l[200000] = NAN;
+    CASE("NaN and +inf before the maximum", V);
+    for (int i = 0; i < V; i++)
+        l[i] = -1.f;
+    l[5000] = 0.f;
+    l[3000] = -0.f;
+    CASE("-0 before +0", V);
+    for (int i = 0; i < V; i++)
+        l[i] = 3.f;
+    CASE("all equal", V);
+    for (int i = 0; i < V; i++)
+        l[i] = 0.f;
+    l[77] = 1e-45f;             /* the smallest denormal */
+    l[78] = -1e-45f;
+    CASE("denormal", V);
+    for (int i = 0; i < 4096; i++)
+        l[i] = -INFINITY;
+    l[123] = -3.4028235e38f;
+    CASE("one finite among -inf", 4096);
+    for (int i = 0; i < 1000; i++)
+        l[i] = NAN;
+    CASE("no finite value", 1000);
+    for (int i = 0; i < 1001; i++)
+        l[i] = (float)(i % 97);
+    l[1000] = 1000.f;
+    CASE("maximum in the tail (n 1001)", 1001);
+    l[0] = NAN;
+    for (int i = 1; i < 7; i++)
+        l[i] = -INFINITY;
+    l[6] = -5.f;
+    CASE("n 7", 7);
+    l[0] = 5.f;
+    CASE("n 1", 1);
+#undef CASE
+    cudaFree(d_l);
+    cudaFree(d_p);
+    free(l);
+    printf("{\"pick_cases\": %d, \"pick_mismatches\": %d}\n", cases, bad);
+    return bad ? 1 : 0;
 }
 
 static int run_bench(const struct args *a, struct rn_model *m, struct rn_engine *e)
@@ -330,14 +440,21 @@ static int run_bench(const struct args *a, struct rn_model *m, struct rn_engine 
         struct rn_engine_stats s0 = {0}, s1 = {0};
         for (int r = -1; r < R && !rc; r++) {
             rn_engine_truncate(e, 0);
-            rc = rn_engine_forward(e, ids, a->bench_p, NULL) ? 1 : 0;
+            int32_t tok = -1;
+            rc = rn_engine_forward_pick(e, ids, a->bench_p, NULL, a->host_pick ? NULL : &tok)
+                     ? 1 : 0;
             rn_engine_get_stats(e, &s0);
             double t0 = now_s();
-            /* Greedy on the engine's pinned logits (no copy), as bnbfs-run's
-             * sampler reading rn_engine_last_logits would. */
+            /* Greedy as bnbfs-run decodes at temperature 0: the GPU's pick,
+             * 4 bytes back a token; --host-pick: the sampler on the engine's
+             * pinned logits, 804 KB back a token (the comparison). */
             for (int g = 0; g < a->bench_g && !rc; g++) {
-                int32_t tok = greedy(gs, rn_engine_last_logits(e));
-                rc = rn_engine_forward(e, &tok, 1, NULL) ? 1 : 0;
+                if (a->host_pick) {
+                    tok = greedy(gs, rn_engine_last_logits(e));
+                    rc = rn_engine_forward(e, &tok, 1, NULL) ? 1 : 0;
+                } else {
+                    rc = tok < 0 || rn_engine_forward_pick(e, &tok, 1, NULL, &tok) ? 1 : 0;
+                }
             }
             if (r >= 0)
                 t[r] = now_s() - t0;
@@ -357,8 +474,9 @@ static int run_bench(const struct args *a, struct rn_model *m, struct rn_engine 
             b /= a->bench_g;
             printf("\"decode_prompt\": %d, \"decode_tokens\": %d, \"decode_s\": %.6f, "
                    "\"decode_tok_s\": %.2f, \"decode_bytes_per_token\": %.6e, "
-                   "\"decode_weight_bytes_per_token\": %.6e, ",
-                   a->bench_p, a->bench_g, median(t, R), a->bench_g / median(t, R), b, w);
+                   "\"decode_weight_bytes_per_token\": %.6e, \"decode_pick\": \"%s\", ",
+                   a->bench_p, a->bench_g, median(t, R), a->bench_g / median(t, R), b, w,
+                   a->host_pick ? "host" : "gpu");
         }
     }
     print_stats(e);
@@ -394,6 +512,8 @@ int main(int argc, char **argv)
         else if (!strcmp(s, "--expert-nocache")) a.nocache = true;
         else if (!strcmp(s, "--progress")) a.progress = true;
         else if (!strcmp(s, "--bandwidth")) a.bandwidth = true;
+        else if (!strcmp(s, "--host-pick")) a.host_pick = true;
+        else if (!strcmp(s, "--pick-selftest")) a.pick_selftest = true;
         else if (!strcmp(s, "--repeat")) { NEEDV(); a.repeat = atoi(v); }
         else if (!strcmp(s, "--seed")) { NEEDV(); a.seed = strtoull(v, NULL, 10); }
         else if (!strcmp(s, "--bench-prefill")) { NEEDV(); a.bench_prefill = atoi(v); }
@@ -407,14 +527,16 @@ int main(int argc, char **argv)
         else return die("unexpected argument", s);
 #undef NEEDV
     }
-    if (!a.model || (!a.ids && !a.bench_prefill && !a.bench_g))
+    if (!a.pick_selftest && (!a.model || (!a.ids && !a.bench_prefill && !a.bench_g)))
         return die("usage: llm-driver MODEL (--ids \"...\" | --bench-prefill N | "
-                   "--bench-decode P:G) [options]", NULL);
+                   "--bench-decode P:G) [options] | --pick-selftest", NULL);
     int ndev = 0;
     if (cudaGetDeviceCount(&ndev) != cudaSuccess || ndev == 0) {
         printf("no GPU: no CUDA device\n");
         return 77;
     }
+    if (a.pick_selftest)
+        return pick_selftest(a.device);
     struct rn_model *m;
     if (rn_model_open(a.model, &m))
         return 1;
