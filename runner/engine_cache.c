@@ -1,6 +1,7 @@
 /* engine_cache.c — the 24 GB mode's expert cache: a fixed number of GPU
  * slots, each holding one expert's gate_up and down matrices, filled from
- * host memory on a copy stream.
+ * host memory on a copy stream, or dequantized from the 4-bit store
+ * (engine_q4.c).
  *
  * Policy: each layer owns an equal share of the slots (when every layer can
  * get at least topk) and replaces its least recently used expert; with fewer
@@ -27,6 +28,7 @@
 #include <string.h>
 
 #include "engine_priv.h"
+#include "engine_q4.h"
 
 int eng_cache_init(struct rn_engine *e)
 {
@@ -89,16 +91,20 @@ static int fill(struct rn_engine *e, int s, int l, int x)
     struct eng_slot *sl = &e->slots[s];
     if (sl->layer >= 0)
         e->slot_of[(size_t)sl->layer * c->nexperts + sl->expert] = -1;
-    CU(cudaStreamWaitEvent(e->cst, sl->freed, 0));
-    CU(cudaMemcpyAsync(sl->gu, e->L[l].h_gate_up + (size_t)x * H * 2 * I,
-                       H * 2 * I * sizeof(kn_half), cudaMemcpyHostToDevice, e->cst));
-    CU(cudaMemcpyAsync(sl->dn, e->L[l].h_down + (size_t)x * I * H, I * H * sizeof(kn_half),
-                       cudaMemcpyHostToDevice, e->cst));
-    CU(cudaEventRecord(sl->ready, e->cst));
+    if (e->q4) {
+        TRY(eng_q4_fill(e, l, x, sl->gu, sl->dn, sl->freed, sl->ready));
+    } else {
+        CU(cudaStreamWaitEvent(e->cst, sl->freed, 0));
+        CU(cudaMemcpyAsync(sl->gu, e->L[l].h_gate_up + (size_t)x * H * 2 * I,
+                           H * 2 * I * sizeof(kn_half), cudaMemcpyHostToDevice, e->cst));
+        CU(cudaMemcpyAsync(sl->dn, e->L[l].h_down + (size_t)x * I * H, I * H * sizeof(kn_half),
+                           cudaMemcpyHostToDevice, e->cst));
+        CU(cudaEventRecord(sl->ready, e->cst));
+        e->stats.bytes_moved += e->expert_bytes;
+    }
     sl->layer = l;
     sl->expert = x;
     e->slot_of[(size_t)l * c->nexperts + x] = s;
-    e->stats.bytes_moved += e->expert_bytes;
     e->stats.expert_misses++;
     return 0;
 }

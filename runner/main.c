@@ -420,12 +420,19 @@ static void print_stats(const struct gen *g)
     if (s.resident)
         fprintf(stderr, "  experts    all resident on the GPU\n");
     else
-        fprintf(stderr, "  experts    cache hit rate %.1f%% (%llu of %llu), %s moved per token\n",
+    {
+        const uint64_t ntok = s.decode_tokens + s.prefill_tokens;
+        char b2[32];
+        fprintf(stderr, "  experts    %d cached on the GPU, the rest %s; hit rate %.1f%% "
+                "(%llu of %llu), per token %s over PCIe, %s dequantized\n", s.expert_slots,
+                s.store == RN_STORE_Q4_GPU    ? "4-bit on the GPU"
+                : s.store == RN_STORE_Q4_HOST ? "4-bit in host memory"
+                                              : "F16 in host memory",
                 lookups ? 100.0 * (double)s.expert_hits / (double)lookups : 0.0,
                 (unsigned long long)s.expert_hits, (unsigned long long)lookups,
-                dq_fmt_size(s.decode_tokens + s.prefill_tokens
-                                ? s.bytes_moved / (s.decode_tokens + s.prefill_tokens) : 0,
-                            b1, sizeof b1));
+                dq_fmt_size(ntok ? s.bytes_moved / ntok : 0, b1, sizeof b1),
+                dq_fmt_size(ntok ? s.bytes_dequant / ntok : 0, b2, sizeof b2));
+    }
     fprintf(stderr, "  sampling   %.3f ms/token (%llu picks), seed %llu\n",
             g->nsampled ? 1e3 * g->t_sample / (double)g->nsampled : 0.0,
             (unsigned long long)g->nsampled, (unsigned long long)g->seed);
@@ -590,7 +597,9 @@ static int gen_main(const struct rn_opts *o, struct rn_tok *t, const struct rn_h
      * progress on a terminal; a separate rn_model_prefetch pass would read
      * them twice (and before learning that there is no GPU). */
     struct rn_engine_opts eo = {.device = o->device, .vram_budget = o->vram_budget,
-                                .max_context = g.ctx, .no_graphs = o->no_graphs};
+                                .max_context = g.ctx, .no_graphs = o->no_graphs,
+                                .expert_store = (int)o->expert_store,
+                                .expert_source = o->expert_source};
     t0 = now_s();
     if (rn_engine_new(g.m, &eo, &g.e))
         goto out;

@@ -50,6 +50,12 @@ void rn_opts_usage(FILE *f)
 "  --device N             CUDA device index (default 0)\n"
 "  --vram-budget SIZE     GPU memory to use, e.g. 24G (default: free memory less\n"
 "                         a margin); experts beyond it are cached and streamed\n"
+"  --expert-store WHERE   with a budget: where experts outside the GPU cache live:\n"
+"                         auto (default: q4-gpu if it fits, else q4-host, else\n"
+"                         f16-host), q4-gpu, q4-host (4-bit, dequantized on the\n"
+"                         GPU on a miss), f16-host (F16 copied on a miss)\n"
+"  --expert-source DIR    the bitsandbytes 4-bit checkpoint behind MODEL's experts\n"
+"                         (default: the one a bnbfs mount names; none otherwise)\n"
 "  --no-graphs            do not use CUDA graphs (debugging)\n"
 "\n"
 "Output and diagnostics:\n"
@@ -83,7 +89,7 @@ enum {
     O_SYSTEM = 256, O_DATE, O_REASONING, O_SHOW_REASONING, O_CHAT, O_RAW, O_IDS,
     O_TEMPERATURE, O_TOP_P, O_TOP_K, O_SEED, O_MAX_TOKENS, O_MAX_CONTEXT, O_DEVICE,
     O_VRAM_BUDGET, O_NO_GRAPHS, O_STATS, O_LOGITS, O_CHECK, O_TOKENIZE, O_DETOKENIZE,
-    O_RENDER, O_PARSE_IDS, O_CONVERSATION, O_SAMPLE,
+    O_RENDER, O_PARSE_IDS, O_CONVERSATION, O_SAMPLE, O_EXPERT_STORE, O_EXPERT_SOURCE,
 };
 
 static const struct option k_long[] = {
@@ -103,6 +109,8 @@ static const struct option k_long[] = {
     {"max-context", required_argument, NULL, O_MAX_CONTEXT},
     {"device", required_argument, NULL, O_DEVICE},
     {"vram-budget", required_argument, NULL, O_VRAM_BUDGET},
+    {"expert-store", required_argument, NULL, O_EXPERT_STORE},
+    {"expert-source", required_argument, NULL, O_EXPERT_SOURCE},
     {"no-graphs", no_argument, NULL, O_NO_GRAPHS},
     {"stats", no_argument, NULL, O_STATS},
     {"logits", required_argument, NULL, O_LOGITS},
@@ -117,6 +125,30 @@ static const struct option k_long[] = {
     {"version", no_argument, NULL, 'V'},
     {NULL, 0, NULL, 0},
 };
+
+static const char *const k_store[] = {
+    [RN_STORE_RESIDENT] = "resident", [RN_STORE_F16_HOST] = "f16-host",
+    [RN_STORE_Q4_HOST] = "q4-host", [RN_STORE_Q4_GPU] = "q4-gpu",
+};
+
+const char *rn_expert_store_name(enum rn_expert_store s)
+{
+    return (unsigned)s < sizeof k_store / sizeof *k_store ? k_store[s] : "?";
+}
+
+int rn_expert_store_parse(const char *s, enum rn_expert_store *out)
+{
+    if (!strcmp(s, "auto")) {
+        *out = RN_STORE_RESIDENT;
+        return 0;
+    }
+    for (unsigned i = RN_STORE_F16_HOST; i < sizeof k_store / sizeof *k_store; i++)
+        if (!strcmp(s, k_store[i])) {
+            *out = (enum rn_expert_store)i;
+            return 0;
+        }
+    return -EINVAL;
+}
 
 __attribute__((format(printf, 3, 4)))
 static int fail(char *err, size_t errlen, const char *fmt, ...)
@@ -305,6 +337,16 @@ int rn_opts_parse(int argc, char **argv, struct rn_opts *o, char *err, size_t er
             if (dq_parse_size(arg, &o->vram_budget) || o->vram_budget == 0)
                 return fail(err, errlen, "--vram-budget: expected a size like 24G or 512M, "
                             "got '%s'", arg);
+            break;
+        case O_EXPERT_STORE:
+            if (rn_expert_store_parse(arg, &o->expert_store))
+                return fail(err, errlen, "--expert-store: expected auto, q4-gpu, q4-host or "
+                            "f16-host, got '%s'", arg);
+            break;
+        case O_EXPERT_SOURCE:
+            if (!*arg)
+                return fail(err, errlen, "--expert-source: expected a directory");
+            o->expert_source = arg;
             break;
         case O_NO_GRAPHS: o->no_graphs = true; break;
         case O_STATS: o->stats = true; break;

@@ -13,6 +13,7 @@
 #include <stdio.h>
 
 #include "harmony.h"
+#include "runner.h"
 #include "sample.h"
 #include "tok.h"
 
@@ -54,6 +55,8 @@ struct rn_opts {
     int max_context;                /* 0 = default (8192, capped by the model) */
     /* engine */
     uint64_t vram_budget;           /* bytes; 0 = card's free memory less a margin */
+    enum rn_expert_store expert_store;  /* --expert-store; RN_STORE_RESIDENT = auto */
+    const char *expert_source;      /* --expert-source DIR, or NULL */
     int device;
     bool no_graphs;
 };

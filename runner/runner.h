@@ -122,6 +122,9 @@ struct rn_engine_opts {
                                * ask the model dir (a bnbfs mount names its source in the
                                * user.bnbfs.source xattr of its root); "": none, the F16
                                * experts of the model dir go over PCIe */
+    int expert_store;         /* enum rn_expert_store: where the 24 GB mode keeps what
+                               * the cache lacks; 0 = the fastest that fits the budget
+                               * (tests and benchmarks force a tier) */
 };
 
 /* Where the 24 GB mode keeps the experts that are not in the GPU cache. */
@@ -132,6 +135,10 @@ enum rn_expert_store {
                                * GPU dequantizes it into the slot */
     RN_STORE_Q4_GPU,          /* 4-bit on the GPU; a miss is a dequantization kernel */
 };
+/* "resident", "f16-host", "q4-host", "q4-gpu" (and "auto" = RN_STORE_RESIDENT
+ * when parsing an --expert-store request); -EINVAL for anything else. */
+const char *rn_expert_store_name(enum rn_expert_store s);
+int rn_expert_store_parse(const char *s, enum rn_expert_store *out);
 
 struct rn_engine_stats {
     double load_s;            /* weights uploaded / prepared */

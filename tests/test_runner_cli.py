@@ -46,7 +46,7 @@ def test_help_lists_every_option(exe):
                 "--ids", "--temperature", "--top-p", "--top-k", "--seed", "--max-tokens",
                 "--max-context", "--vram-budget", "--device", "--tokenize", "--detokenize",
                 "--render", "--logits", "--stats", "--parse-ids", "--conversation", "--check",
-                "--help", "--version", "--null"]:
+                "--help", "--version", "--null", "--expert-store", "--expert-source"]:
         assert opt in out, opt
     assert run(exe, "-h").stdout == r.stdout
 
@@ -84,6 +84,8 @@ def test_version(exe):
     (["--vram-budget", "lots"], "--vram-budget"),
     (["--vram-budget", "0"], "--vram-budget"),
     (["--device", "-1"], "--device"),
+    (["--expert-store", "disk"], "--expert-store"),
+    (["--expert-source", ""], "--expert-source"),
     (["--ids", "1 x 3"], "--ids"),
     (["--ids", ""], "--ids"),
     (["--no-such-option"], "--no-such-option"),

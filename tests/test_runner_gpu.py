@@ -13,6 +13,7 @@ ids and writes float32 logits; bnbfs-run's --logits path is checked too.
 """
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -254,6 +255,106 @@ def test_runner_on_a_bnbfs_mount(gpu, bin_path, model_dir, tiny, tmp_path):
     with mounted(bin_path("bnbfs"), tiny / "src", tmp_path / "mnt") as m:
         _, rows = drive(bin_path, m.mnt, ids, tmp_path / "out", "--greedy", 4)
     assert np.array_equal(rows, want)
+
+
+EXPERT_F16 = (64 * 272 + 136 * 64) * 2     # bytes of one tiny expert in F16
+
+
+@pytest.mark.parametrize("store", ["q4-gpu", "q4-host"])
+@pytest.mark.parametrize("slots,nocache", [(2, False), (7, False), (7, True)])
+def test_4bit_expert_store_gives_resident_logits(gpu, bin_path, model_dir, tiny, tmp_path,
+                                                 store, slots, nocache):
+    """The 24 GB mode with the experts' 4-bit source: misses are dequantized
+    on the GPU (from the GPU's copy, or from a 4-bit record copied from host
+    memory) by the mount's kernel, and the logits are bit-identical to
+    resident (global LRU, per-layer shares, every use a miss)."""
+    ids = prompt(12, seed=31)
+    _, want = drive(bin_path, model_dir, ids, tmp_path, "--feed", 5, "--greedy", 16)
+    info, rows = drive(bin_path, model_dir, ids, tmp_path, "--feed", 5, "--greedy", 16,
+                       "--expert-slots", slots, "--expert-source", tiny / "src",
+                       "--expert-store", store, *(["--expert-nocache"] if nocache else []))
+    s = info["stats"]
+    assert s["store"] == store and s["expert_slots"] == slots
+    assert s["expert_misses"] > 0
+    assert s["bytes_dequant"] == s["expert_misses"] * EXPERT_F16
+    if store == "q4-gpu":
+        assert s["bytes_moved"] == 0
+    else:
+        assert 0 < s["bytes_moved"] < s["expert_misses"] * EXPERT_F16 / 2
+    assert np.array_equal(rows, want)
+
+
+def test_4bit_store_found_through_the_mount(gpu, bin_path, model_dir, tiny, tmp_path):
+    """On a bnbfs mount the runner finds the 4-bit source by itself (the
+    root's user.bnbfs.source) and gives the resident logits; f16-host still
+    works there and reads the mount's F16 experts."""
+    from fs_helpers import mounted
+    ids = prompt(10, seed=33)
+    _, want = drive(bin_path, model_dir, ids, tmp_path, "--greedy", 8)
+    (tmp_path / "out").mkdir()
+    with mounted(bin_path("bnbfs"), tiny / "src", tmp_path / "mnt") as m:
+        a, rows_a = drive(bin_path, m.mnt, ids, tmp_path / "out", "--greedy", 8,
+                          "--expert-slots", 4)
+        b, rows_b = drive(bin_path, m.mnt, ids, tmp_path / "out", "--greedy", 8,
+                          "--expert-slots", 4, "--expert-store", "f16-host")
+    assert a["stats"]["store"] == "q4-gpu" and b["stats"]["store"] == "f16-host"
+    assert b["stats"]["bytes_moved"] == b["stats"]["expert_misses"] * EXPERT_F16
+    assert np.array_equal(rows_a, want) and np.array_equal(rows_b, want)
+
+
+def copy_source(tiny, dst):
+    shutil.copytree(tiny / "src", dst)
+    return dst
+
+
+def poke(src, tensor, offset, change):
+    """Rewrites bytes of one tensor of a copied source checkpoint:
+    change(old bytes) -> new bytes of the same length."""
+    from fs_helpers import read_header
+    for f in sorted(src.glob("*.safetensors")):
+        hdr, start = read_header(f)
+        if tensor in hdr:
+            with open(f, "r+b") as fp:
+                fp.seek(start + hdr[tensor]["data_offsets"][0] + offset)
+                new = change(fp.read(4))
+                fp.seek(start + hdr[tensor]["data_offsets"][0] + offset)
+                fp.write(new)
+            return
+    raise KeyError(tensor)
+
+
+def test_4bit_source_that_is_not_the_models_is_refused(gpu, bin_path, model_dir, tiny,
+                                                        tmp_path):
+    """A source whose experts differ from the model dir's F16 experts (one
+    code byte of the last expert changed) fails at load with the tensor and
+    element named, instead of computing other numbers."""
+    src = copy_source(tiny, tmp_path / "src")
+    poke(src, "model.layers.2.mlp.experts.down_projs.4.weight", 0,
+         lambda b: bytes([b[0] ^ 0xFF]))
+    r = drive(bin_path, model_dir, prompt(4, seed=1), tmp_path, "--expert-slots", 3,
+              "--expert-source", src, expect_fail=True)
+    assert "does not hold the experts" in r.stderr
+    assert "model.layers.2.mlp.experts.down_proj" in r.stderr
+
+
+def test_4bit_source_with_a_corrupt_scale_is_an_error(gpu, bin_path, model_dir, tiny, tmp_path):
+    """A non-finite scale in any expert (here the nested absmax of layer 1,
+    expert 3) fails the load naming file and tensor, as the mount's read of
+    that tensor fails."""
+    src = copy_source(tiny, tmp_path / "src")
+    name = "model.layers.1.mlp.experts.gate_up_projs.3.weight.nested_absmax"
+    poke(src, name, 0, lambda b: np.array([np.nan], np.float32).tobytes())
+    r = drive(bin_path, model_dir, prompt(4, seed=1), tmp_path, "--expert-slots", 3,
+              "--expert-source", src, expect_fail=True)
+    assert "non-finite scale" in r.stderr and "gate_up_projs.3" in r.stderr
+    assert "Traceback" not in r.stderr and r.returncode == 1
+
+
+def test_4bit_store_needs_a_source(gpu, bin_path, model_dir, tmp_path):
+    """Asking for a 4-bit store where no source is known is a clear error."""
+    r = drive(bin_path, model_dir, prompt(4, seed=1), tmp_path, "--expert-slots", 3,
+              "--expert-store", "q4-gpu", expect_fail=True)
+    assert "names no usable source" in r.stderr
 
 
 def test_long_prompt_over_a_prefill_chunk(gpu, bin_path, model_dir, ref, tmp_path):

@@ -8,7 +8,8 @@
  *   llm-driver MODEL --ids "1 2 3" [--feed K | --stepwise] [--greedy N]
  *              [--logits FILE] [--vram-budget SIZE] [--expert-slots N]
  *              [--max-context N] [--no-graphs] [--device D] [--progress]
- *              [--expert-nocache]
+ *              [--expert-nocache] [--expert-store auto|f16-host|q4-host|q4-gpu]
+ *              [--expert-source DIR]
  *   llm-driver MODEL --bench-prefill N [--bench-decode P:G] [--repeat R] [--bandwidth]
  *              [--host-pick]
  *   llm-driver --pick-selftest
@@ -41,7 +42,8 @@
 #include "sample.h"
 
 struct args {
-    const char *model, *ids, *logits;
+    const char *model, *ids, *logits, *expert_source;
+    enum rn_expert_store expert_store;
     int feed, greedy, max_context, expert_slots, device, repeat;
     bool stepwise, no_graphs, progress, bandwidth, nocache, host_pick, pick_selftest;
     uint64_t vram_budget;
@@ -229,10 +231,11 @@ static void print_stats(const struct rn_engine *e)
     printf("\"stats\": {\"load_s\": %.3f, \"prefill_tokens\": %" PRIu64 ", \"prefill_s\": %.6f, "
            "\"decode_tokens\": %" PRIu64 ", \"decode_s\": %.6f, \"expert_hits\": %" PRIu64
            ", \"expert_misses\": %" PRIu64 ", \"bytes_moved\": %" PRIu64 ", \"resident\": %s, "
-           "\"expert_slots\": %d, \"vram_bytes\": %" PRIu64 "}",
+           "\"expert_slots\": %d, \"vram_bytes\": %" PRIu64 ", \"bytes_dequant\": %" PRIu64
+           ", \"store\": \"%s\"}",
            s.load_s, s.prefill_tokens, s.prefill_s, s.decode_tokens, s.decode_s, s.expert_hits,
            s.expert_misses, s.bytes_moved, s.resident ? "true" : "false", s.expert_slots,
-           s.vram_bytes);
+           s.vram_bytes, s.bytes_dequant, rn_expert_store_name(s.store));
 }
 
 static int run_ids(const struct args *a, struct rn_model *m, struct rn_engine *e)
@@ -510,6 +513,12 @@ int main(int argc, char **argv)
         else if (!strcmp(s, "--device")) { NEEDV(); a.device = atoi(v); }
         else if (!strcmp(s, "--no-graphs")) a.no_graphs = true;
         else if (!strcmp(s, "--expert-nocache")) a.nocache = true;
+        else if (!strcmp(s, "--expert-source")) { NEEDV(); a.expert_source = v; }
+        else if (!strcmp(s, "--expert-store")) {
+            NEEDV();
+            if (rn_expert_store_parse(v, &a.expert_store))
+                return die("--expert-store: expected auto, f16-host, q4-host or q4-gpu", v);
+        }
         else if (!strcmp(s, "--progress")) a.progress = true;
         else if (!strcmp(s, "--bandwidth")) a.bandwidth = true;
         else if (!strcmp(s, "--host-pick")) a.host_pick = true;
@@ -543,7 +552,9 @@ int main(int argc, char **argv)
     struct rn_engine_opts eo = {.device = a.device, .vram_budget = a.vram_budget,
                                 .max_context = a.max_context, .no_graphs = a.no_graphs,
                                 .expert_slots = a.expert_slots, .progress = a.progress,
-                                .expert_nocache = a.nocache};
+                                .expert_nocache = a.nocache,
+                                .expert_source = a.expert_source,
+                                .expert_store = (int)a.expert_store};
     struct rn_engine *e;
     double t0 = now_s();
     if (rn_engine_new(m, &eo, &e)) {
