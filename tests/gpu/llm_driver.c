@@ -465,9 +465,11 @@ static int run_bench(const struct args *a, struct rn_model *m, struct rn_engine 
         }
         /* Expert traffic and the time inside rn_engine_forward (engine
          * alone, without the host's pick) of the last timed decode run. */
-        printf("\"decode_moved_per_token\": %.6e, \"decode_hits\": %" PRIu64
+        printf("\"decode_moved_per_token\": %.6e, \"decode_dequant_per_token\": %.6e, "
+               "\"decode_hits\": %" PRIu64
                ", \"decode_misses\": %" PRIu64 ", \"decode_engine_s_per_token\": %.6e, ",
                (double)(s1.bytes_moved - s0.bytes_moved) / a->bench_g,
+               (double)(s1.bytes_dequant - s0.bytes_dequant) / a->bench_g,
                s1.expert_hits - s0.expert_hits, s1.expert_misses - s0.expert_misses,
                (s1.decode_s - s0.decode_s) / a->bench_g);
         if (!rc) {
