@@ -104,19 +104,22 @@ struct kn_expert_src {
  * experts: gate = gu[2i] clamped above at limit, up = gu[2i+1] clamped to
  * [-limit, limit], act = (up + 1) * gate * sigmoid(alpha * gate).
  * gate_up per expert [H, 2I] (x @ W), b [E, 2I]. act [topk, I] fp32.
- * partial: kn_llm_moe_partial_floats(2I, topk, ksplit, 0) floats;
- * counters: kn_llm_moe_counters(2I, topk, 0) ints. */
+ * Items and K split from the plan (kn_llm_decode_plan). partial:
+ * kn_llm_moe_partial_floats(2I, topk, plan->ks_gu, 0) floats; counters:
+ * kn_llm_moe_counters(2I, topk, 0) ints. */
+struct kn_decode_plan;
 int kn_llm_moe_gate_up_decode(const float *hn, struct kn_expert_src W, const float *b,
-                              const int *ids, int H, int I, int topk, int ksplit, float limit,
-                              float alpha, float *partial, int *counters, float *act,
-                              cudaStream_t s);
+                              const int *ids, int H, int I, int topk,
+                              const struct kn_decode_plan *plan, float limit, float alpha,
+                              float *partial, int *counters, float *act, cudaStream_t s);
 
 /* x[H] += sum_j w[j] * (act[j] @ down[e_j] + b[e_j]), in expert order j.
  * down per expert [I, H], b [E, H]. partial: kn_llm_moe_partial_floats(H,
- * topk, ksplit, 1); counters: kn_llm_moe_counters(H, topk, 1). */
+ * topk, plan->ks_dn, 1); counters: kn_llm_moe_counters(H, topk, 1). */
 int kn_llm_moe_down_decode(const float *act, struct kn_expert_src W, const float *b,
-                           const int *ids, const float *w, int I, int H, int topk, int ksplit,
-                           float *partial, int *counters, float *x, cudaStream_t s);
+                           const int *ids, const float *w, int I, int H, int topk,
+                           const struct kn_decode_plan *plan, float *partial, int *counters,
+                           float *x, cudaStream_t s);
 
 /* Work split of a decode step for this card and model, shared by the
  * persistent kernel and the per-kernel launches (the same splits give the
@@ -126,18 +129,22 @@ int kn_llm_moe_down_decode(const float *act, struct kn_expert_src W, const float
  *           most 3 (2 measured 4% slower on an H200);
  *           0 when the kernel cannot run on this device (the splits still
  *           serve the per-step launches);
+ *   moe_block  item shape of the expert GEMVs: 1 a block's (128/64
+ *           columns, four rows in flight a thread), 0 a warp's (64 columns);
+ *           the caller's choice;
  *   ks_gu, ks_dn  K splits of the expert GEMVs (mode 0 gate_up, 1 down),
- *           chosen so their work items fill the grid's warps evenly;
+ *           chosen by a cost model (rounds x (rows + an item's fixed cost))
+ *           for the grid's blocks or warps;
  *   nsplit  warps a head's attention is split over;
  *   smem    dynamic shared memory of the persistent kernel, bytes. */
 struct kn_decode_plan {
-    int blocks, ks_gu, ks_dn, nsplit;
+    int blocks, moe_block, ks_gu, ks_dn, nsplit;
     size_t smem;
 };
 int kn_llm_decode_plan(int nsm, int H, int I, int E, int topk, int nheads, int head_dim,
-                       struct kn_decode_plan *p);     /* 0 or -EINVAL */
+                       int moe_block, struct kn_decode_plan *p);     /* 0 or -EINVAL */
 /* Workspace (floats) and counters (ints) of the expert GEMVs for an output
- * width N (mode 0 gate_up, 1 down). */
+ * width N (mode 0 gate_up, 1 down), enough for either item shape. */
 size_t kn_llm_moe_partial_floats(int N, int topk, int ksplit, int mode);
 int kn_llm_moe_counters(int N, int topk, int mode);
 
@@ -174,6 +181,10 @@ struct kn_decode_args {
     float *moe_partial;         /* max of both expert GEMVs' partial floats */
     int *attn_counters, *gu_counters, *dn_counters;
     unsigned *barrier;          /* one, zero before the first launch */
+    int route_fold;             /* 1: the last block of the o_proj phase computes the
+                                 * router logits (one barrier less a layer, same bits);
+                                 * 0: a phase of its own */
+    int *route_counter;         /* one, zero before the first launch (route_fold) */
     struct kn_decode_plan plan;
     uint64_t *phase_ns;         /* NULL, or [1 + 6 * nlayers]: the start, then the end of
                                  * each layer's six phases (global timer, ns; diagnostic) */

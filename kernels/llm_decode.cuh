@@ -514,4 +514,154 @@ __device__ __forceinline__ void moe_prefetch(int it, const __half *base, const i
         prefetch_l2(W + (size_t)k * N);
 }
 
+
+/* ------------------------------------- the expert GEMVs, block items */
+
+/* The other item shape of the expert GEMVs (kn_decode_plan.moe_block):
+ * a whole block a item, as the run-4 kernels (NOTES-engine.md): 128
+ * output columns for gate_up (N = 2I), 64 for down (41 and 28 us per-step
+ * on an H200, the fastest widths measured). */
+template <int MODE> struct moe_tw {
+    static constexpr int v = MODE == 0 ? 128 : 64;
+};
+
+/* Shared memory a block item needs, floats: its input slice and the row
+ * groups' sums. */
+__host__ __device__ static inline int moe_scratch_floats(int K, int ks)
+{
+    return round4(div_up(K, ks)) + DEC_THREADS * 8;
+}
+
+/* Item it of an expert GEMV out[j] = x[j] @ W[e_j] (W [K, N], x @ W
+ * layout) for a whole block: TW output columns of chosen expert j over one
+ * of ks row splits. TW/8 threads x 8 columns cover a row's TW columns; the
+ * DEC_THREADS/(TW/8) row groups stride down the split's rows, four rows in
+ * flight a thread (batches of eight with predication measured slower: 48.5
+ * vs 41.0 us). Items are numbered tile fastest (neighbouring blocks read
+ * neighbouring columns of the same rows). The block's sum goes to
+ * partial[j][s][N]; the last block of the tile to finish adds every
+ * (expert, split) partial in order with the bias:
+ *   MODE 0 (gate_up): SwiGLU into out = act [topk][N/2];
+ *   MODE 1 (down): out (= x) += sum_j w[j] * y[j], in expert order.
+ * xsrc: MODE 0 hn [K] (already in shared memory when XS_SMEM), MODE 1 act
+ * [topk][K]. scratch: moe_scratch_floats(K, ks) of shared memory; last_flag:
+ * a shared int. counters: [tiles]. Called by every thread of the block. */
+template <int MODE, bool XS_SMEM>
+__device__ __forceinline__ void moe_block_item(int it, const float *xsrc, float *scratch,
+                                               const __half *base, const __half *const *ptrs,
+                                               const int *ids, const float *wts, int K, int N,
+                                               int topk, int ks, float *partial, int *counters,
+                                               const float *__restrict__ b, float limit,
+                                               float alpha, float *out, int *last_flag)
+{
+    constexpr int TW = moe_tw<MODE>::v, LPR = TW / 8, RG = DEC_THREADS / LPR;
+    const int tiles = div_up(N, TW);
+    const int tile = it % tiles, js = it / tiles, s = js % ks, j = js / ks;
+    const int tid = threadIdx.x;
+    const int kc = div_up(K, ks), k0 = s * kc, k1 = min(K, k0 + kc);
+    const int rg = tid / LPR, cl = tid % LPR, col = tile * TW + cl * 8;
+    const __half *W = ptrs ? ptrs[j] : base + (size_t)ids[j] * K * N;
+    float *red = scratch + round4(kc);
+    const float *xs;
+    __syncthreads();            /* the previous item is done with the scratch */
+    if (XS_SMEM) {
+        xs = xsrc + k0;
+    } else {
+        const float *x = MODE == 0 ? xsrc : xsrc + (size_t)j * K;
+        for (int i = tid; i < k1 - k0; i += DEC_THREADS)
+            scratch[i] = __ldcg(x + k0 + i);
+        __syncthreads();
+        xs = scratch;
+    }
+    float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+    if (col < N) {
+        const size_t rstride = (size_t)(N >> 3);  /* uint4 per row */
+        const uint4 *wp = reinterpret_cast<const uint4 *>(W + (size_t)(k0 + rg) * N + col);
+        int k = k0 + rg;
+        for (; k + 3 * RG < k1; k += 4 * RG) {
+            const uint4 w0 = ld_stream(wp);
+            const uint4 w1 = ld_stream(wp + rstride * RG);
+            const uint4 w2 = ld_stream(wp + 2 * rstride * RG);
+            const uint4 w3 = ld_stream(wp + 3 * rstride * RG);
+            axpy8(acc, xs[k - k0], w0);
+            axpy8(acc, xs[k - k0 + RG], w1);
+            axpy8(acc, xs[k - k0 + 2 * RG], w2);
+            axpy8(acc, xs[k - k0 + 3 * RG], w3);
+            wp += 4 * rstride * RG;
+        }
+        for (; k < k1; k += RG) {
+            axpy8(acc, xs[k - k0], ld_stream(wp));
+            wp += rstride * RG;
+        }
+    }
+#pragma unroll
+    for (int i = 0; i < 8; i++)
+        red[rg * TW + cl * 8 + i] = acc[i];
+    __syncthreads();
+    if (tid < TW) {
+        float sum = 0.f;
+        for (int r = 0; r < RG; r++)
+            sum += red[r * TW + tid];
+        const int c = tile * TW + tid;
+        if (c < N)
+            partial[((size_t)j * ks + s) * N + c] = sum;
+    }
+    __threadfence();
+    __syncthreads();
+    if (tid == 0)
+        *last_flag = atomicAdd(&counters[tile], 1) == topk * ks - 1;
+    __syncthreads();
+    if (!*last_flag)
+        return;
+    __threadfence();
+    if (tid == 0)
+        counters[tile] = 0;     /* ready for the next layer, launch or replay */
+    if (MODE == 0) {
+        for (int t = tid; t < (TW / 2) * topk; t += DEC_THREADS) {
+            const int jj = t / (TW / 2), c = tile * TW + 2 * (t % (TW / 2));
+            if (c >= N)
+                continue;
+            const int e = ids[jj];
+            float gte = b[(size_t)e * N + c], up = b[(size_t)e * N + c + 1];
+            for (int q = 0; q < ks; q++) {
+                const float *pp = partial + ((size_t)jj * ks + q) * N + c;
+                gte += __ldcg(pp);
+                up += __ldcg(pp + 1);
+            }
+            gte = fminf(gte, limit);
+            up = fminf(fmaxf(up, -limit), limit);
+            const float glu = gte / (1.f + expf(-alpha * gte));
+            out[(size_t)jj * (N >> 1) + (c >> 1)] = (up + 1.f) * glu;
+        }
+    } else if (tid < TW) {
+        const int c = tile * TW + tid;
+        if (c < N) {
+            float sum = 0.f;
+            for (int jj = 0; jj < topk; jj++) {
+                const int e = ids[jj];
+                float y = b[(size_t)e * N + c];
+                for (int q = 0; q < ks; q++)
+                    y += __ldcg(partial + ((size_t)jj * ks + q) * N + c);
+                sum += wts[jj] * y;
+            }
+            out[c] = __ldcg(out + c) + sum;
+        }
+    }
+}
+
+/* Streams the first 64 rows of a down block item's slab into L2 (one
+ * 128-byte line a row: 64 fp16 columns) while other blocks finish the
+ * gate_up phase. */
+__device__ __forceinline__ void moe_block_prefetch_down(int it, const __half *base,
+                                                        const int *ids, int K, int N, int ks)
+{
+    constexpr int TW = moe_tw<1>::v;
+    const int tiles = div_up(N, TW);
+    const int tile = it % tiles, js = it / tiles, s = js % ks, j = js / ks;
+    const int kc = div_up(K, ks), k0 = s * kc, k1 = min(K, k0 + min(kc, 64));
+    const __half *W = base + (size_t)ids[j] * K * N + tile * TW;
+    for (int k = k0 + threadIdx.x; k < k1; k += DEC_THREADS)
+        prefetch_l2(W + (size_t)k * N);
+}
+
 #endif

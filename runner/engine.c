@@ -198,10 +198,10 @@ static int decode_body(struct rn_engine *e)
         struct kn_expert_src gu = {L->gate_up, NULL}, dn = {L->down, NULL};
         if (!e->resident)
             TRY(eng_cache_decode_prepare(e, l, &gu, &dn));
-        TRY(kn_llm_moe_gate_up_decode(e->hn, gu, L->gate_up_b, e->ids, H, I, K, e->plan.ks_gu,
+        TRY(kn_llm_moe_gate_up_decode(e->hn, gu, L->gate_up_b, e->ids, H, I, K, &e->plan,
                                       c->swiglu_limit, c->swiglu_alpha, e->moe_partial,
                                       e->gu_counters, e->act, st));
-        TRY(kn_llm_moe_down_decode(e->act, dn, L->down_b, e->ids, e->wts, I, H, K, e->plan.ks_dn,
+        TRY(kn_llm_moe_down_decode(e->act, dn, L->down_b, e->ids, e->wts, I, H, K, &e->plan,
                                    e->moe_partial, e->dn_counters, e->x, st));
         if (!e->resident)
             TRY(eng_cache_decode_done(e, l));
@@ -401,15 +401,24 @@ static int check_dims(const struct rn_config *c)
     return 0;
 }
 
+/* Whether the environment variable `name` equals `value`. */
+static bool env_is(const char *name, const char *value)
+{
+    const char *v = getenv(name);
+    return v && strcmp(v, value) == 0;
+}
+
 /* The decode step's work split (kn_llm_decode_plan) for this card, and
  * whether a resident step may run as one persistent kernel: cooperative
  * launches must be supported (otherwise resident decode launches each step,
- * as the 24 GB mode does). */
+ * as the 24 GB mode does). Expert GEMVs as block items at the planned
+ * splits; BNBFS_DECODE_MOE=warp selects the per-warp items, to compare
+ * (both drivers follow the plan, so the two modes stay bit-identical). */
 static int decode_plan(struct rn_engine *e, const struct cudaDeviceProp *prop)
 {
     const struct rn_config *c = &e->c;
     if (kn_llm_decode_plan(e->nsm, c->hidden, c->intermediate, c->nexperts, c->topk, c->nheads,
-                           c->head_dim, &e->plan)) {
+                           c->head_dim, !env_is("BNBFS_DECODE_MOE", "warp"), &e->plan)) {
         dq_log(DQ_LOG_ERROR, ENG_TAG, "unsupported model shape for the decode kernels");
         return -ENOTSUP;
     }
@@ -424,8 +433,9 @@ static int decode_args(struct rn_engine *e)
     const struct rn_config *c = &e->c;
     e->persistent = e->persistent && e->resident;
     if (!e->persistent) {
-        dq_log(DQ_LOG_INFO, ENG_TAG, "decode: one launch per layer step, expert splits %d/%d, "
-               "attention splits %d", e->plan.ks_gu, e->plan.ks_dn, e->plan.nsplit);
+        dq_log(DQ_LOG_INFO, ENG_TAG, "decode: one launch per layer step, expert %s items, "
+               "splits %d/%d, attention splits %d", e->plan.moe_block ? "block" : "warp",
+               e->plan.ks_gu, e->plan.ks_dn, e->plan.nsplit);
         return 0;
     }
     struct kn_decode_layer *hl = calloc((size_t)c->nlayers, sizeof *hl);
@@ -455,11 +465,16 @@ static int decode_args(struct rn_engine *e)
         .attn = e->attn, .act = e->act, .rlogits = e->rlogits, .attn_partial = e->attn_partial,
         .moe_partial = e->moe_partial, .attn_counters = e->attn_counters,
         .gu_counters = e->gu_counters, .dn_counters = e->dn_counters, .barrier = e->barrier,
-        .plan = e->plan,
+        .plan = e->plan, .route_counter = e->d_route_counter,
+        /* the router logits in the o_proj phase's last block;
+         * BNBFS_DECODE_ROUTE=phase: a phase of their own, to compare */
+        .route_fold = !env_is("BNBFS_DECODE_ROUTE", "phase"),
     };
     dq_log(DQ_LOG_INFO, ENG_TAG, "decode: one persistent kernel a token, %d blocks (%d a "
-           "multiprocessor), expert splits %d/%d, attention splits %d", e->plan.blocks,
-           e->plan.blocks / e->nsm, e->plan.ks_gu, e->plan.ks_dn, e->plan.nsplit);
+           "multiprocessor), expert %s items, splits %d/%d, attention splits %d, router %s",
+           e->plan.blocks, e->plan.blocks / e->nsm, e->plan.moe_block ? "block" : "warp",
+           e->plan.ks_gu, e->plan.ks_dn, e->plan.nsplit,
+           e->dargs.route_fold ? "in the o_proj phase" : "a phase of its own");
     return 0;
 }
 
@@ -517,6 +532,8 @@ static int engine_init(struct rn_engine *e)
         return blas_fail(bs, "set stream");
 
     TRY(eng_plan_and_alloc(e));
+    CU(cudaMalloc((void **)&e->d_route_counter, sizeof *e->d_route_counter));
+    CU(cudaMemset(e->d_route_counter, 0, sizeof *e->d_route_counter));
     TRY(decode_args(e));
     e->npf = e->resident ? ENG_PF_STREAMS : 1;
     CU(cudaEventCreateWithFlags(&e->ev_fork, cudaEventDisableTiming));
@@ -618,6 +635,8 @@ void rn_engine_free(struct rn_engine *e)
     eng_host_experts_free(e);
     if (e->d_pick)
         cudaFree(e->d_pick);
+    if (e->d_route_counter)
+        cudaFree(e->d_route_counter);
     if (e->pool)
         cudaFree(e->pool);
     free(e->L);
