@@ -419,75 +419,105 @@ k_deq4_fuse_t(q4p q, fusep f, void *dst, kn_counters *cnt)
 
 constexpr int RT_THREADS = 128;
 constexpr int RT_WARPS = RT_THREADS / 32;
-constexpr int RT_LPG = 2;   /* lanes per group of source rows (1 and 4 were slower) */
 
-/* One plain 16-byte global store; p is 16-byte aligned. (Written as a
+/* One plain 16-byte global store of w; p is 16-byte aligned. (Written as a
  * uint4 assignment, nvcc split some of these stores into four 4-byte ones.) */
-__device__ __forceinline__ void st16(void *p, uint4 v)
+__device__ __forceinline__ void st16(void *p, const uint32_t (&w)[4])
 {
-    asm volatile("st.global.v4.u32 [%0], {%1, %2, %3, %4};" ::"l"(p), "r"(v.x), "r"(v.y),
-                 "r"(v.z), "r"(v.w));
+    asm volatile("st.global.v4.u32 [%0], {%1, %2, %3, %4};" ::"l"(p), "r"(w[0]), "r"(w[1]),
+                 "r"(w[2]), "r"(w[3]));
 }
 
-/* Where the warps of k_deq4_fuse_rt work: warp tiles of RT_LPG 32-column
- * groups (output rows r) x 32/RT_LPG groups of VEC source rows (output
- * columns c). */
-struct rtp {
-    uint64_t g0;    /* first 32-column group, rb + 32 * floor((r0 - rb) / 32) */
-    uint64_t ng;    /* 32-column groups from g0 that reach into [r0, r1) */
-    uint64_t ncg;   /* groups of VEC source rows: C / VEC */
-    uint64_t wtc;   /* warp tiles across C */
-    uint64_t nwt;   /* warp tiles in all */
+/* The work of one lane: ROWS adjacent source rows (the ROWS output columns
+ * of one 16-byte store) x one group of COLS columns (32 or 16: one 16- or
+ * 8-byte code load per row; COLS/8 code words). LPG = 64 / COLS adjacent
+ * lanes share the rows and take consecutive groups, so a warp-wide code
+ * load reads whole 32-byte sectors. */
+template <int OUT, int ROWS, int COLS> struct rt_shape {
+    typedef typename out_t<OUT>::type T;
+    static constexpr int LPG = 64 / COLS;
+    static constexpr int WORDS = COLS / 8;
+    static_assert(COLS == 32 || COLS == 16, "32- or 16-column groups");
+    static_assert(ROWS * sizeof(T) == 16, "one 16-byte store per output row segment");
 };
 
-/* One lane's inputs: VEC source rows x one 32-column group of codes, and
- * per row the scale's first-level load (U8 code with its nested absmax, or
- * the F32 absmax bits); the nested-map lookup waits until they are used. */
-template <int OUT> struct rt_in {
-    static constexpr int VEC = 16 / sizeof(typename out_t<OUT>::type);
-    uint4 x[VEC];
-    uint32_t s[VEC];
-    float na[VEC];
+/* Where the warps of k_deq4_fuse_rt work: warp tiles of LPG column groups
+ * (output rows r) x 32/LPG groups of ROWS source rows (output columns c). */
+struct rtp {
+    uint64_t g0;    /* first column group, rb + COLS * floor((r0 - rb) / COLS) */
+    uint64_t ng;    /* column groups from g0 that reach into [r0, r1) */
+    uint64_t ncg;   /* groups of ROWS source rows: C / ROWS */
+    uint64_t wtc;   /* warp tiles across C */
+    uint64_t nwt;   /* warp tiles in all */
+    uint32_t zero;  /* 0, unknown to the compiler: see rt_tile */
+};
+
+/* One lane's inputs: ROWS source rows x one column group of codes, and per
+ * row the scale's first-level load (U8 code with its nested absmax, or the
+ * F32 absmax bits); the nested-map lookup waits until they are used. */
+template <int ROWS, int COLS> struct rt_in {
+    uint32_t x[ROWS][COLS / 8];
+    uint32_t s[ROWS];
+    float na[ROWS];
 };
 
 /* Lane `lane` of warp tile `tile`: its first source row c0 and group g;
- * false when the lane falls past C or past the rows. Adjacent RT_LPG lanes
- * share the source rows and take consecutive groups. */
-template <int OUT>
+ * false when the lane falls past C or past the rows. */
+template <int OUT, int ROWS, int COLS>
 __device__ __forceinline__ bool rt_where(const rtp &w, uint64_t tile, int lane, uint64_t &c0,
                                          uint64_t &g)
 {
+    constexpr int LPG = rt_shape<OUT, ROWS, COLS>::LPG;
     const uint64_t wr = tile / w.wtc, wc = tile - wr * w.wtc;
-    const uint64_t cg = wc * (32 / RT_LPG) + lane / RT_LPG, rg = wr * RT_LPG + lane % RT_LPG;
-    c0 = cg * rt_in<OUT>::VEC;
-    g = w.g0 + 32 * rg;
+    const uint64_t cg = wc * (32 / LPG) + lane / LPG, rg = wr * LPG + lane % LPG;
+    c0 = cg * ROWS;
+    g = w.g0 + COLS * rg;
     return cg < w.ncg && rg < w.ng;
+}
+
+/* The COLS/2 code bytes of one row at p into x; with nb < COLS/2 (a group
+ * that runs past the band end) only the first nb bytes are read. */
+template <int COLS>
+__device__ __forceinline__ void rt_codes(const uint8_t *p, uint64_t nb, uint32_t (&x)[COLS / 8])
+{
+    if constexpr (COLS == 32) {
+        const uint4 v = nb >= 16 ? __ldg((const uint4 *)p) : load16_guarded(p, 0, nb);
+        x[0] = v.x, x[1] = v.y, x[2] = v.z, x[3] = v.w;
+    } else if (nb >= 8) {
+        const uint2 v = __ldg((const uint2 *)p);
+        x[0] = v.x, x[1] = v.y;
+    } else {
+        x[0] = x[1] = 0;
+#pragma unroll
+        for (int i = 0; i < 8; i++)
+            if ((uint64_t)i < nb)
+                x[i >> 2] |= (uint32_t)__ldg(p + i) << (8 * (i & 3));
+    }
 }
 
 /* Issues the lane's loads (nothing waits on them here). A group that runs
  * past the band end re reads only the band's bytes (the columns beyond are
  * never stored). */
-template <int OUT>
+template <int ROWS, int COLS, bool NESTED>
 __device__ __forceinline__ void rt_load(const q4p &q, const fusep &f, uint64_t c0, uint64_t g,
-                                        rt_in<OUT> &in)
+                                        rt_in<ROWS, COLS> &in)
 {
-    constexpr int VEC = rt_in<OUT>::VEC;
     const uint8_t *p = q.codes + c0 * f.pitch + ((g - f.rb) >> 1);
-    if (g + 32 <= f.re) {
+    if (g + COLS <= f.re) {
 #pragma unroll
-        for (int k = 0; k < VEC; k++)
-            in.x[k] = __ldg((const uint4 *)(p + k * f.pitch));
+        for (int k = 0; k < ROWS; k++)
+            rt_codes<COLS>(p + k * f.pitch, COLS / 2, in.x[k]);
     } else {
         const uint64_t nb = ((f.re - 1 - g) >> 1) + 1;
 #pragma unroll
-        for (int k = 0; k < VEC; k++)
-            in.x[k] = load16_guarded(p + k * f.pitch, 0, nb);
+        for (int k = 0; k < ROWS; k++)
+            rt_codes<COLS>(p + k * f.pitch, nb, in.x[k]);
     }
     const uint64_t k0 = c0 * f.R + g;
 #pragma unroll
-    for (int k = 0; k < VEC; k++) {
+    for (int k = 0; k < ROWS; k++) {
         const uint64_t b = (k0 + k * f.R) >> q.lbs;
-        if (q.nested) {
+        if constexpr (NESTED) {
             in.s[k] = __ldg((const uint8_t *)q.absmax + (b - q.absmax_base));
             in.na[k] = __ldg(q.nabs + ((b >> q.lnbs) - q.nbase));
         } else {
@@ -503,86 +533,122 @@ __device__ __forceinline__ float tab_at(const float *tab, uint32_t off)
     return *(const float *)((const char *)tab + off);
 }
 
-/* Dequantizes the lane's VEC x 32 values and stores each output row's VEC
- * values (rows r0 <= r < r1 only) with one 16-byte store. Scales as
- * scale_of computes them. A whole group with scales that cannot saturate
- * runs without branches: 4 * nibble for the 4 high (low) nibbles of a code
- * word is one shift and one mask, then one byte permute per value. A group
- * cut by r0 or r1, or with a scale that could saturate (or is not finite),
- * takes the exact per-value path, which counts only stored values. */
-template <int OUT>
-__device__ __forceinline__ void rt_tile(const q4p &q, const fusep &f, const rt_in<OUT> &in,
-                                        uint64_t c0, uint64_t g, const float *tab,
-                                        const float *smap, void *dst, kn_counters *cnt,
-                                        unsigned &sat)
+/* Nibble i (0 <= i < 8 * NW) of code words x: byte i/2, high nibble first
+ * (selects, not an indexed load: i varies at run time). */
+template <int NW>
+__device__ __forceinline__ unsigned nibw(const uint32_t (&x)[NW], int i)
 {
-    typedef typename out_t<OUT>::type T;
-    constexpr int VEC = rt_in<OUT>::VEC;
-    float a[VEC];
-    bool easy = true;
+    uint32_t w;
+    if constexpr (NW == 4)
+        w = (i < 8) ? x[0] : (i < 16) ? x[1] : (i < 24) ? x[2] : x[3];
+    else
+        w = (i < 8) ? x[0] : x[1];
+    return (w >> (8 * ((i >> 1) & 3) + ((i & 1) ? 0 : 4))) & 0xfu;
+}
+
+/* ROWS values y (one output row's segment) as the 16-byte store's words. */
+template <int OUT, int ROWS>
+__device__ __forceinline__ void rt_pack(const float (&y)[ROWS], uint32_t (&o)[4])
+{
+    if constexpr (OUT == OUT_F32) {
 #pragma unroll
-    for (int k = 0; k < VEC; k++) {
-        a[k] = q.nested ? __fadd_rn(__fmul_rn(smap[in.s[k]], in.na[k]), q.noff)
-                        : __uint_as_float(in.s[k]);
-        if (!isfinite(a[k]))
-            report_bad(cnt, ((c0 + k) * f.R + g) >> q.lbs);
+        for (int k = 0; k < 4; k++)
+            o[k] = __float_as_uint(y[k]);
+    } else {
+#pragma unroll
+        for (int k = 0; k < 4; k++)
+            o[k] = pack2<OUT>(y[2 * k], y[2 * k + 1]);
+    }
+}
+
+/* Dequantizes the lane's ROWS x COLS values and stores each output row's
+ * ROWS values (rows r0 <= r < r1 only) with one 16-byte store. Scales as scale_of
+ * computes them. A whole group with scales that cannot saturate runs
+ * without branches: 4 * nibble for the 4 high (low) nibbles of a code word
+ * is one shift and one mask, then one byte permute per value. A group cut
+ * by r0 or r1, or with a scale that could saturate (or is not finite),
+ * takes the exact per-value path, which counts only stored values. */
+template <int OUT, int ROWS, int COLS, bool NESTED>
+__device__ __forceinline__ void rt_tile(const q4p &q, const fusep &f, const rt_in<ROWS, COLS> &in,
+                                        uint64_t c0, uint64_t g, const float *tab,
+                                        const float *smap, uint32_t zero, void *dst,
+                                        kn_counters *cnt, unsigned &sat)
+{
+    typedef rt_shape<OUT, ROWS, COLS> S;
+    typedef typename S::T T;
+    /* Every nested-map lookup depends on all first-level loads (through
+     * `zero`, which is 0): otherwise ptxas waits for the first row's U8
+     * code before it issues the last rows' loads, two memory round trips
+     * per tile instead of one. */
+    uint32_t dep = 0;
+    if constexpr (NESTED)
+#pragma unroll
+        for (int k = 0; k < ROWS; k++)
+            dep |= in.s[k] | __float_as_uint(in.na[k]);
+    const float *sm = smap + (dep & zero);
+    float a[ROWS];
+    bool easy = true, finite = true;
+#pragma unroll
+    for (int k = 0; k < ROWS; k++) {
+        a[k] = NESTED ? __fadd_rn(__fmul_rn(sm[in.s[k]], in.na[k]), q.noff)
+                      : __uint_as_float(in.s[k]);
+        finite = finite && isfinite(a[k]);
         easy = easy && no_sat<OUT>(a[k]);
     }
+    if (!finite) /* one branch, so the rows' scale arithmetic is one basic block */
+#pragma unroll
+        for (int k = 0; k < ROWS; k++)
+            if (!isfinite(a[k]))
+                report_bad(cnt, ((c0 + k) * f.R + g) >> q.lbs);
     const int i0 = g < f.r0 ? (int)(f.r0 - g) : 0;          /* stored rows [i0, i1) */
-    const int i1 = f.r1 - g < 32 ? (int)(f.r1 - g) : 32;
+    const int i1 = f.r1 - g < COLS ? (int)(f.r1 - g) : COLS;
     T *d = (T *)dst + (g + i0 - f.r0) * f.C + c0;           /* output of row g + i0 */
-    if (easy && i0 == 0 && i1 == 32) {
+    if (easy && i0 == 0 && i1 == COLS) {
 #pragma unroll
-        for (int wd = 0; wd < 4; wd++) {      /* code word wd: rows 8*wd .. 8*wd + 7 */
-            uint32_t hi[VEC], lo[VEC];
+        for (int wd = 0; wd < S::WORDS; wd++) {     /* code word wd: rows 8*wd .. 8*wd + 7 */
+            uint32_t hi[ROWS], lo[ROWS];
 #pragma unroll
-            for (int k = 0; k < VEC; k++) {
-                const uint32_t w = wd == 0 ? in.x[k].x : wd == 1 ? in.x[k].y
-                                 : wd == 2 ? in.x[k].z : in.x[k].w;
-                hi[k] = (w >> 2) & 0x3c3c3c3cu;
-                lo[k] = (w << 2) & 0x3c3c3c3cu;
+            for (int k = 0; k < ROWS; k++) {
+                hi[k] = (in.x[k][wd] >> 2) & 0x3c3c3c3cu;
+                lo[k] = (in.x[k][wd] << 2) & 0x3c3c3c3cu;
             }
 #pragma unroll
             for (int e = 0; e < 8; e++) {     /* byte e/2; high nibble first */
                 const uint32_t sel = 0x4440u | (uint32_t)(e >> 1);
-                float y[VEC];
+                float y[ROWS];
 #pragma unroll
-                for (int k = 0; k < VEC; k++)
+                for (int k = 0; k < ROWS; k++)
                     y[k] = __fmul_rn(tab_at(tab, __byte_perm(e & 1 ? lo[k] : hi[k], 0, sel)), a[k]);
-                uint4 r;
-                if constexpr (OUT == OUT_F32)
-                    r = make_uint4(__float_as_uint(y[0]), __float_as_uint(y[1]),
-                                   __float_as_uint(y[2]), __float_as_uint(y[3]));
-                else
-                    r = make_uint4(pack2<OUT>(y[0], y[1]), pack2<OUT>(y[2], y[3]),
-                                   pack2<OUT>(y[4], y[5]), pack2<OUT>(y[6], y[7]));
-                st16(d, r);
+                uint32_t o[4];
+                rt_pack<OUT>(y, o);
+                st16(d, o);
                 d += f.C;
             }
         }
     } else {
 #pragma unroll 1
         for (int i = i0; i < i1; i++, d += f.C) {
-            union { uint4 v; T e[VEC]; } o;
+            union { uint32_t w[4]; T e[ROWS]; } o;
 #pragma unroll
-            for (int k = 0; k < VEC; k++)
-                o.e[k] = round_out<OUT>(__fmul_rn(tab[nib32(in.x[k], i)], a[k]), sat);
-            st16(d, o.v);
+            for (int k = 0; k < ROWS; k++)
+                o.e[k] = round_out<OUT>(__fmul_rn(tab[nibw(in.x[k], i)], a[k]), sat);
+            st16(d, o.w);
         }
     }
 }
 
 /* FUSE_T without a shared-memory tile, for 16-byte aligned groups and
- * stores (fusep.fast and .vstore): each lane dequantizes VEC adjacent
- * source rows (the VEC output columns of one 16-byte store) x one group of
- * 32 columns (one 16-byte code load per row) and transposes in registers:
- * output row r's VEC values are one 16-byte store. No barrier, no shared
+ * stores (fusep.fast and .vstore): each lane dequantizes ROWS adjacent
+ * source rows (the ROWS output columns of one 16-byte store) x one group
+ * of COLS columns (one code load per row) and transposes in registers:
+ * output row r's ROWS values are one 16-byte store. No barrier, no shared
  * stores or reloads; the table and the nested map are read from shared
- * memory. A warp-wide code load covers 16 rows x 32 bytes (whole sectors),
- * a warp-wide store 2 output rows x 256 bytes. Against the tiled kernel
- * this halves the instructions per value and removes both barriers per
- * tile (tests/bench/NOTES-kernels.md, "FUSE_T v4"). */
-template <int OUT>
+ * memory. Against the tiled kernel this halves the instructions per value
+ * and removes both barriers per tile (tests/bench/NOTES-kernels.md,
+ * "FUSE_T v4"); a lane's loads all go out before the first waits on one
+ * (rt_tile; "FUSE_T v5"). Instantiated for nested and plain scales, so
+ * neither carries the other's loads as predicated pairs. */
+template <int OUT, int ROWS, int COLS, bool NESTED>
 __global__ void __launch_bounds__(RT_THREADS)
 k_deq4_fuse_rt(q4p q, fusep f, rtp w, void *dst, kn_counters *cnt)
 {
@@ -591,18 +657,18 @@ k_deq4_fuse_rt(q4p q, fusep f, rtp w, void *dst, kn_counters *cnt)
     const int t = threadIdx.x, lane = t & 31;
     if (t < 16)
         tab[t] = q.table[t];
-    if (q.nested)
+    if (NESTED)
         for (int i = t; i < 256; i += RT_THREADS)
             smap[i] = __ldg(q.nmap + i);
     __syncthreads();
     unsigned sat = 0;
     const uint64_t stride = (uint64_t)gridDim.x * RT_WARPS;
     uint64_t c0 = 0, g = 0;
-    rt_in<OUT> in;
+    rt_in<ROWS, COLS> in;
     for (uint64_t tile = (uint64_t)blockIdx.x * RT_WARPS + (t >> 5); tile < w.nwt; tile += stride)
-        if (rt_where<OUT>(w, tile, lane, c0, g)) {
-            rt_load<OUT>(q, f, c0, g, in);
-            rt_tile<OUT>(q, f, in, c0, g, tab, smap, dst, cnt, sat);
+        if (rt_where<OUT, ROWS, COLS>(w, tile, lane, c0, g)) {
+            rt_load<ROWS, COLS, NESTED>(q, f, c0, g, in);
+            rt_tile<OUT, ROWS, COLS, NESTED>(q, f, in, c0, g, tab, smap, w.zero, dst, cnt, sat);
         }
     flush_sat(cnt, sat);
 }
@@ -780,31 +846,58 @@ int launch_deq4_flat(const q4p &p, uint64_t k0, uint64_t n, int out, void *dst, 
     return 0;
 }
 
-/* Warp tiles of k_deq4_fuse_rt for rows [r0, r1) (vec: output values per
- * 16-byte store). Every count is below C * R. */
-rtp rt_plan(const fusep &f, uint64_t vec)
+/* Warp tiles of k_deq4_fuse_rt<OUT, ROWS, COLS> for rows [r0, r1). Every
+ * count is below C * R. */
+template <int OUT, int ROWS, int COLS>
+rtp rt_plan(const fusep &f)
 {
+    constexpr uint64_t LPG = rt_shape<OUT, ROWS, COLS>::LPG;
     rtp w;
-    w.g0 = f.rb + (f.r0 - f.rb) / 32 * 32;
-    w.ng = (f.r1 - w.g0 + 31) / 32;
-    w.ncg = f.C / vec;
-    w.wtc = (w.ncg + 32 / RT_LPG - 1) / (32 / RT_LPG);
-    w.nwt = w.wtc * ((w.ng + RT_LPG - 1) / RT_LPG);
+    w.g0 = f.rb + (f.r0 - f.rb) / COLS * COLS;
+    w.ng = (f.r1 - w.g0 + COLS - 1) / COLS;
+    w.ncg = f.C / ROWS;
+    w.wtc = (w.ncg + 32 / LPG - 1) / (32 / LPG);
+    w.nwt = w.wtc * ((w.ng + LPG - 1) / LPG);
+    w.zero = 0;
     return w;
+}
+
+template <int OUT, int ROWS, int COLS>
+void launch_rt(const q4p &p, const fusep &f, void *dst, kn_counters *cnt, cudaStream_t st)
+{
+    const rtp w = rt_plan<OUT, ROWS, COLS>(f);
+    const uint64_t blocks = (w.nwt + RT_WARPS - 1) / RT_WARPS;
+    const unsigned g = (unsigned)(blocks < 0x7fffffffu ? blocks : 0x7fffffffu); /* grid-stride */
+    if (p.nested)
+        k_deq4_fuse_rt<OUT, ROWS, COLS, true><<<g, RT_THREADS, 0, st>>>(p, f, w, dst, cnt);
+    else
+        k_deq4_fuse_rt<OUT, ROWS, COLS, false><<<g, RT_THREADS, 0, st>>>(p, f, w, dst, cnt);
+}
+
+/* The tile a lane takes, by output type: F16/BF16 8 source rows (one
+ * 16-byte store) x 16 columns (one 8-byte code load per row); F32 4 rows
+ * (one 16-byte store) x 32 columns. The 16-column tile gives a launch
+ * twice the warps of the 32-column one: +4% on gpt-oss' down_proj for
+ * 16-bit outputs, while F32 lost 1-2% with it (H100, "FUSE_T v5" in
+ * tests/bench/NOTES-kernels.md). */
+template <int OUT>
+void launch_rt_out(const q4p &p, const fusep &f, void *dst, kn_counters *cnt, cudaStream_t st)
+{
+    if constexpr (OUT == OUT_F32)
+        launch_rt<OUT, 4, 32>(p, f, dst, cnt, st);
+    else
+        launch_rt<OUT, 8, 16>(p, f, dst, cnt, st);
 }
 
 int launch_fuse_rt(const q4p &p, const fusep &f, int out, void *dst, kn_counters *cnt,
                    cudaStream_t st)
 {
-    const rtp w = rt_plan(f, out == OUT_F32 ? 4 : 8);
-    const uint64_t blocks = (w.nwt + RT_WARPS - 1) / RT_WARPS;
-    const unsigned g = (unsigned)(blocks < 0x7fffffffu ? blocks : 0x7fffffffu); /* grid-stride */
     if (out == OUT_F16)
-        k_deq4_fuse_rt<OUT_F16><<<g, RT_THREADS, 0, st>>>(p, f, w, dst, cnt);
+        launch_rt_out<OUT_F16>(p, f, dst, cnt, st);
     else if (out == OUT_BF16)
-        k_deq4_fuse_rt<OUT_BF16><<<g, RT_THREADS, 0, st>>>(p, f, w, dst, cnt);
+        launch_rt_out<OUT_BF16>(p, f, dst, cnt, st);
     else
-        k_deq4_fuse_rt<OUT_F32><<<g, RT_THREADS, 0, st>>>(p, f, w, dst, cnt);
+        launch_rt_out<OUT_F32>(p, f, dst, cnt, st);
     KN_CUDA(cudaGetLastError());
     return 0;
 }

@@ -4,16 +4,20 @@
 # variant twice, for the run-to-run spread) and compares every output at the
 # benchmark's gpt-oss shapes with the first variant's (an XXH3 hash of each),
 # verifies each variant bit for bit against the CPU with the kernel test
-# program (all at once), checks the last variant's memory accesses with
-# compute-sanitizer, and profiles the first gate_up F16 launch of the first
-# and of the fastest other variant with Nsight Compute. The table comes last;
-# logs go to $LOGS, and into $OUT/logs.tgz when OUT is set.
+# program (all at once), checks the memory accesses of the MEMCHECK
+# variants (default: the last) with compute-sanitizer, and profiles one
+# launch (by default the first down F16 one: NCU_SKIP launches of the
+# benchmark's FUSE_T kernels come before it) of the first and of the
+# fastest other variant (by down F16) with Nsight Compute. The table comes
+# last; logs go to $LOGS, and into $OUT/logs.tgz when OUT is set.
 #   sh .device/prep.sh && bash tests/gpu/fuse_t_session.sh [BIN_DIR]
 # BIN_DIR holds test_kn_dequant and bench_kn_dequant built for sm_90
 # (default: built here into build-gpu-fuset). VARIANTS (default "current")
 # are values of BNBFS_KN_FUSE_T, one per run: the committed kernel ignores
-# it; a candidate kernel reads it until verified (as commit 5772855 did,
-# whose run is in tests/bench/NOTES-kernels.md, "FUSE_T v4").
+# it; a candidate kernel reads it until verified (as commits 5772855 and
+# the FUSE_T v5 candidates did: tests/bench/NOTES-kernels.md). The variant
+# "head" runs the programs in HEAD_BIN instead (built from an earlier
+# commit), so a committed kernel can be the reference of the hashes.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 LOGS=${LOGS:-/tmp/bnbfs-fuset}
@@ -24,6 +28,10 @@ ref=${VARIANTS%% *}
 last=${VARIANTS##* }
 T_TEST=${T_TEST:-80}
 T_NCU=${T_NCU:-40}
+NCU_SKIP=${NCU_SKIP:-2112}   # 3 dtypes x (2 warm-ups + 20 runs) x 32 gate_up experts
+HEAD_BIN=${HEAD_BIN:-}
+MEMCHECK=${MEMCHECK:-$last}  # variants whose device ops run under compute-sanitizer
+binof() { if [ "$1" = head ] && [ -n "$HEAD_BIN" ]; then echo "$HEAD_BIN"; else echo "$bin"; fi; }
 t0=$(date +%s)
 el() { echo $(( $(date +%s) - t0 )); }
 pack() { [ -n "${OUT:-}" ] && tar czf "$OUT/logs.tgz" -C "$LOGS" . 2>/dev/null; true; }
@@ -43,48 +51,52 @@ nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv,noh
 for v in $VARIANTS $ref; do
   log="$LOGS/bench_$v.log"
   [ -e "$log" ] && log="$LOGS/bench_${v}_again.log"
-  BNBFS_KN_FUSE_T=$v timeout 60 "$bin/bench_kn_dequant" --hash > "$log" 2>&1 || echo "bench $v: rc $?"
+  BNBFS_KN_FUSE_T=$v timeout 60 "$(binof $v)/bench_kn_dequant" --hash > "$log" 2>&1 || echo "bench $v: rc $?"
 done
 echo "benchmarks done: $(el) s"
 pack
 
-# 2. bit-exactness, every variant at once; memcheck of the last variant's
-# device ops beside them
+# 2. bit-exactness, every variant at once; memcheck of the MEMCHECK
+# variants' device ops beside them
 for v in $VARIANTS; do
-  ( BNBFS_KN_FUSE_T=$v timeout "$T_TEST" "$bin/test_kn_dequant" > "$LOGS/test_$v.log" 2>&1
+  ( BNBFS_KN_FUSE_T=$v timeout "$T_TEST" "$(binof $v)/test_kn_dequant" > "$LOGS/test_$v.log" 2>&1
     echo $? > "$LOGS/test_$v.rc" ) &
 done
-( BNBFS_KN_FUSE_T=$last timeout "$T_TEST" compute-sanitizer --tool memcheck --print-limit 5 \
-    "$bin/test_kn_dequant" ops_deq4 > "$LOGS/memcheck.log" 2>&1
-  echo $? > "$LOGS/memcheck.rc" ) &
+for v in $MEMCHECK; do
+  ( BNBFS_KN_FUSE_T=$v timeout "$T_TEST" compute-sanitizer --tool memcheck --print-limit 5 \
+      "$(binof $v)/test_kn_dequant" ops_deq4 > "$LOGS/memcheck_$v.log" 2>&1
+    echo $? > "$LOGS/memcheck_$v.rc" ) &
+done
 wait
 echo "tests done: $(el) s"
 pack
 
-# 3. Nsight Compute on one launch (gate_up, F16: the benchmark's first FUSE_T launch)
+# 3. Nsight Compute on one launch (NCU_SKIP: the first down F16 launch)
 gbs() { grep -m1 "RESULT $2 " "$LOGS/bench_$1.log" 2>/dev/null | awk '{print $3}'; }
-best=$(for v in $VARIANTS; do [ "$v" = "$ref" ] || echo "$(gbs $v fuse_gate_up_f16_gbs) $v"; done \
+best=$(for v in $VARIANTS; do [ "$v" = "$ref" ] || echo "$(gbs $v fuse_down_f16_gbs) $v"; done \
        | sort -rn | head -1 | awk '{print $2}')
 ncu=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda/bin/ncu 2>/dev/null | head -1)
 for v in $ref $best; do
   BNBFS_KN_FUSE_T=$v timeout "$T_NCU" "$ncu" --clock-control none --kernel-name regex:fuse \
-    --launch-count 1 --section SpeedOfLight --section MemoryWorkloadAnalysis \
+    --launch-skip "$NCU_SKIP" --launch-count 1 --section SpeedOfLight --section MemoryWorkloadAnalysis \
     --section WarpStateStats --section Occupancy --section LaunchStats --section SchedulerStats \
     --metrics dram__bytes_read.sum,dram__bytes_write.sum,smsp__inst_executed.sum,l1tex__data_pipe_lsu_wavefronts.sum \
-    "$bin/bench_kn_dequant" > "$LOGS/ncu_$v.txt" 2>&1
+    "$(binof $v)/bench_kn_dequant" > "$LOGS/ncu_$v.txt" 2>&1
   echo "ncu $v: rc $? ($(el) s)"
 done
 pack
 
 # 4. summary
 for v in $ref $best; do
-  echo "== ncu $v (gate_up F16, one launch)"
-  grep -E "^\s+(Duration|DRAM Throughput|Memory Throughput|Compute \(SM\) Throughput|L1/TEX Hit Rate|L2 Hit Rate|Mem Busy|Max Bandwidth|Mem Pipes Busy|Achieved Occupancy|Theoretical Occupancy|Registers Per Thread|Issued Warp Per Scheduler|No Eligible|Active Warps Per Scheduler|Eligible Warps Per Scheduler|Warp Cycles Per Issued Instruction|dram__bytes_read.sum|dram__bytes_write.sum|smsp__inst_executed.sum|l1tex__data_pipe_lsu_wavefronts.sum)\b" \
-    "$LOGS/ncu_$v.txt" | sed -E 's/ +/ /g' | head -24
+  echo "== ncu $v (one launch, $NCU_SKIP skipped)"
+  grep -E "^\s+(Duration|Grid Size|Waves Per SM|DRAM Throughput|Memory Throughput|Compute \(SM\) Throughput|L1/TEX Hit Rate|L2 Hit Rate|Mem Busy|Max Bandwidth|Mem Pipes Busy|Achieved Occupancy|Theoretical Occupancy|Registers Per Thread|Issued Warp Per Scheduler|No Eligible|Active Warps Per Scheduler|Eligible Warps Per Scheduler|Warp Cycles Per Issued Instruction|dram__bytes_read.sum|dram__bytes_write.sum|smsp__inst_executed.sum|l1tex__data_pipe_lsu_wavefronts.sum)\b" \
+    "$LOGS/ncu_$v.txt" | sed -E 's/ +/ /g' | head -26
   grep -E "(OPT|WRN) .*(stall|Stall|latency|bandwidth|coalesc|sector)" "$LOGS/ncu_$v.txt" | cut -c1-300 | head -4
 done
-echo "== memcheck $last (test_kn_dequant ops_deq4): rc $(cat "$LOGS/memcheck.rc" 2>/dev/null)" \
-     "$(grep -m1 'ERROR SUMMARY' "$LOGS/memcheck.log")"
+for v in $MEMCHECK; do
+  echo "== memcheck $v (test_kn_dequant ops_deq4): rc $(cat "$LOGS/memcheck_$v.rc" 2>/dev/null)" \
+       "$(grep -m1 'ERROR SUMMARY' "$LOGS/memcheck_$v.log")"
+done
 printf '\n%-14s %-30s %8s' variant test copy
 for k in gate_up_f16 gate_up_bf16 gate_up_f32 down_f16 down_bf16 down_f32; do printf ' %13s' "$k"; done
 echo

@@ -597,7 +597,16 @@ static void test_ops_deq4(void)
                 fuse_case(&d, OUTS[oi], rb, re, pmin, rb + 1, re - 1, 0, ref, dc, dout);
                 fuse_case(&d, OUTS[oi], 5, R - 3, (R - 8) / 2 + 1 + 16, 6, 7, 1, ref, dc, dout);
                 fuse_case(&d, OUTS[oi], 0, R, R / 2 + 1, R - 1, R, 0, ref, dc, dout);
-                (void)C;
+                /* aligned shapes and output (the register-transposed kernel): rows that
+                 * start and end inside a 16- and a 32-column group, and a band whose
+                 * last group runs past its end (guarded code loads) */
+                if (R % 32 == 0 && R >= 64 && C % 8 == 0) {
+                    const uint64_t e2 = R - 8, p2 = ((e2 - 32) / 2 + 15) & ~(uint64_t)15;
+                    fuse_case(&d, OUTS[oi], 0, R, R / 2, 3, R - 5, 0, ref, dc, dout);
+                    fuse_case(&d, OUTS[oi], 0, R, R / 2, 17, 40, 0, ref, dc, dout);
+                    fuse_case(&d, OUTS[oi], 32, e2, p2, 32, e2, 0, ref, dc, dout);
+                    fuse_case(&d, OUTS[oi], 32, e2, p2, 49, e2 - 3, 0, ref, dc, dout);
+                }
                 free(ref);
             }
             free_q4(&d);
