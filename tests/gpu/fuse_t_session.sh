@@ -14,8 +14,8 @@
 # BIN_DIR holds test_kn_dequant and bench_kn_dequant built for sm_90
 # (default: built here into build-gpu-fuset). VARIANTS (default "current")
 # are values of BNBFS_KN_FUSE_T, one per run: the committed kernel ignores
-# it; a candidate kernel reads it until verified (as commits 5772855 and
-# the FUSE_T v5 candidates did: tests/bench/NOTES-kernels.md). The variant
+# it; a candidate kernel reads it until verified (as commit 5772855 did, and
+# the uncommitted FUSE_T v5 candidates: tests/bench/NOTES-kernels.md). The variant
 # "head" runs the programs in HEAD_BIN instead (built from an earlier
 # commit), so a committed kernel can be the reference of the hashes.
 set -uo pipefail
