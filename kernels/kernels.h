@@ -97,8 +97,9 @@ int kn_deq4_flat(const struct kn_q4 *q, uint64_t k0, uint64_t n, enum dq_dtype o
  * Needs rb <= r0 < r1 <= re <= R. Aligned shapes (the fast case of
  * kn_deq4_fuse_t in dequant.cu: R and rb multiples of 32, pitch of 16,
  * 16-byte aligned pointers, C a multiple of the vector width) transpose in
- * registers (k_deq4_fuse_rt: 8 source rows x 32 columns a lane, whole
- * 32-byte code sectors, one 16-byte store per output row segment); the
+ * registers (k_deq4_fuse_rt: a lane takes 8 source rows x 16 columns for
+ * F16/BF16 and 4 rows x 32 columns for F32, whole 32-byte code sectors,
+ * one 16-byte store per output row segment); the
  * rest goes through a shared-memory tile. q->code_base is not used. */
 int kn_deq4_fuse_t(const struct kn_q4 *q, uint64_t C, uint64_t R, uint64_t rb, uint64_t re,
                    uint64_t pitch, uint64_t r0, uint64_t r1, enum dq_dtype out, void *dst,
