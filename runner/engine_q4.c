@@ -23,6 +23,7 @@
 #include <sys/mman.h>
 #include <sys/xattr.h>
 #include <time.h>
+#include <unistd.h>
 
 #include "engine_q4.h"
 
@@ -119,6 +120,10 @@ int eng_q4_open(struct rn_engine *e)
         return -ENOMEM;
     }
     e->q4 = q;      /* freed by eng_q4_free on every path from here */
+    /* A mount made by another user may name a source this one cannot
+     * read: that is a quiet fallback, not an error line from dequant. */
+    if (!named && access(dir, R_OK | X_OK))
+        return unusable(false, "%s: %s", dir, strerror(errno));
     int rc = dq_ckpt_open(dir, &q->ck);
     if (rc)
         return named ? rc : unusable(false, "%s cannot be opened", dir);
