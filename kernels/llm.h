@@ -129,22 +129,19 @@ int kn_llm_moe_down_decode(const float *act, struct kn_expert_src W, const float
  *           most 3 (2 measured 4% slower on an H200);
  *           0 when the kernel cannot run on this device (the splits still
  *           serve the per-step launches);
- *   moe_block  item shape of the expert GEMVs: 1 a block's (128/64
- *           columns, four rows in flight a thread), 0 a warp's (64 columns);
- *           the caller's choice;
  *   ks_gu, ks_dn  K splits of the expert GEMVs (mode 0 gate_up, 1 down),
  *           chosen by a cost model (rounds x (rows + an item's fixed cost))
- *           for the grid's blocks or warps;
+ *           for the grid's blocks (one item a block);
  *   nsplit  warps a head's attention is split over;
  *   smem    dynamic shared memory of the persistent kernel, bytes. */
 struct kn_decode_plan {
-    int blocks, moe_block, ks_gu, ks_dn, nsplit;
+    int blocks, ks_gu, ks_dn, nsplit;
     size_t smem;
 };
 int kn_llm_decode_plan(int nsm, int H, int I, int E, int topk, int nheads, int head_dim,
-                       int moe_block, struct kn_decode_plan *p);     /* 0 or -EINVAL */
+                       struct kn_decode_plan *p);     /* 0 or -EINVAL */
 /* Workspace (floats) and counters (ints) of the expert GEMVs for an output
- * width N (mode 0 gate_up, 1 down), enough for either item shape. */
+ * width N (mode 0 gate_up, 1 down). */
 size_t kn_llm_moe_partial_floats(int N, int topk, int ksplit, int mode);
 int kn_llm_moe_counters(int N, int topk, int mode);
 
@@ -181,10 +178,6 @@ struct kn_decode_args {
     float *moe_partial;         /* max of both expert GEMVs' partial floats */
     int *attn_counters, *gu_counters, *dn_counters;
     unsigned *barrier;          /* one, zero before the first launch */
-    int route_fold;             /* 1: the last block of the o_proj phase computes the
-                                 * router logits (one barrier less a layer, same bits);
-                                 * 0: a phase of its own */
-    int *route_counter;         /* one, zero before the first launch (route_fold) */
     struct kn_decode_plan plan;
     uint64_t *phase_ns;         /* NULL, or [1 + 6 * nlayers]: the start, then the end of
                                  * each layer's six phases (global timer, ns; diagnostic) */

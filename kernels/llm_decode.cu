@@ -53,21 +53,16 @@ __device__ __forceinline__ void grid_sync(unsigned *bar)
 }
 
 /* Shared memory of the persistent kernel, floats: the block's vector
- * (normalized x, attn or hn) and the router logits, then the expert items'
- * scratch: one input slice per warp (warp items) or the block item's
- * slice and row-group sums. */
+ * (normalized x, attn or hn) and the router logits, then the expert
+ * items' scratch (input slice and row-group sums). */
 __host__ __device__ static int dec_vec_floats(int H, int Q, int E)
 {
     return round4(H > Q ? H : Q) + round4(E);
 }
 
-__host__ __device__ static int dec_xw_floats(int I, int ks_dn) { return round4(div_up(I, ks_dn)); }
-
-static int dec_smem_floats(int H, int I, int Q, int E, const kn_decode_plan *p)
+static int dec_smem_floats(int H, int I, int Q, int E, int ks_gu, int ks_dn)
 {
-    if (!p->moe_block)
-        return dec_vec_floats(H, Q, E) + DEC_WARPS * dec_xw_floats(I, p->ks_dn);
-    const int gu = moe_scratch_floats(H, p->ks_gu), dn = moe_scratch_floats(I, p->ks_dn);
+    const int gu = moe_scratch_floats(H, ks_gu), dn = moe_scratch_floats(I, ks_dn);
     return dec_vec_floats(H, Q, E) + (gu > dn ? gu : dn);
 }
 
@@ -82,9 +77,7 @@ __device__ __forceinline__ void phase_end(const kn_decode_args &a, int l, int k)
         a.phase_ns[1 + 6 * l + k] = global_ns();
 }
 
-/* BLOCK: the expert GEMVs as block items (moe_block_item), else warp
- * items (moe_item); a.plan.moe_block says which instance runs. */
-template <bool TIMED, bool BLOCK>
+template <bool TIMED>
 __global__ void __launch_bounds__(DEC_THREADS, DEC_BPS) decode_layers_kernel(kn_decode_args a)
 {
     extern __shared__ float4 sm4[];
@@ -98,13 +91,12 @@ __global__ void __launch_bounds__(DEC_THREADS, DEC_BPS) decode_layers_kernel(kn_
     const int vecf = dec_vec_floats(H, Q, E);
     float4 *vec4 = sm4;
     float *logits = reinterpret_cast<float *>(sm4) + round4(H > Q ? H : Q);
-    float *xw = reinterpret_cast<float *>(sm4) + vecf + warp * dec_xw_floats(I, a.plan.ks_dn);
-    float *scratch = reinterpret_cast<float *>(sm4) + vecf;     /* BLOCK */
+    float *scratch = reinterpret_cast<float *>(sm4) + vecf;
     const int pos = a.step->pos;
     const int npairs = (a.g.nheads + 2 * a.g.nkv) * (a.g.head_dim >> 1);
     const int n_att = a.g.nheads * a.plan.nsplit;
-    const int n_gu = div_up(2 * I, BLOCK ? moe_tw<0>::v : MOE_TW) * K * a.plan.ks_gu;
-    const int n_dn = div_up(H, BLOCK ? moe_tw<1>::v : MOE_TW) * K * a.plan.ks_dn;
+    const int n_gu = div_up(2 * I, moe_tw<0>::v) * K * a.plan.ks_gu;
+    const int n_dn = div_up(H, moe_tw<1>::v) * K * a.plan.ks_dn;
     const float2 *rope = reinterpret_cast<const float2 *>(a.rope);
     if (TIMED && blockIdx.x == 0 && threadIdx.x == 0)
         a.phase_ns[0] = global_ns();
@@ -133,54 +125,29 @@ __global__ void __launch_bounds__(DEC_THREADS, DEC_BPS) decode_layers_kernel(kn_
         phase_end<TIMED>(a, l, 1);
 
         /* 3. o_proj into the residual stream */
-        if (a.route_fold)
-            for (int e = gw; e < E; e += W)
-                prefetch_row(wr + (size_t)e * H, H * 2, (H * 2 + 127) / 128, lane);
         load_vec_norm(vec4, a.attn, NULL, 0.f, Q, red);
         for (int r = gw; r < H; r += W)
             oproj_item<8>(r, vec4, wo, L->bo, Q, a.x, lane);
-        if (a.route_fold) {
-            /* 3b. the last block done with its o_proj rows computes the
-             * router logits (the same functions as phase 4 below, so the
-             * same bits): one grid barrier less a layer. */
-            __threadfence();
-            __syncthreads();
-            if (threadIdx.x == 0)
-                last = atomicAdd(a.route_counter, 1) == (int)gridDim.x - 1;
-            __syncthreads();
-            if (last) {
-                __threadfence();
-                if (threadIdx.x == 0)
-                    *a.route_counter = 0;
-                load_vec_norm(vec4, a.x, L->mlp_norm, a.eps, H, red);
-                for (int e = warp; e < E; e += DEC_WARPS) {
-                    const float v = route_logit(wr, L->br, e, H, vec4, lane);
-                    if (lane == 0)
-                        a.rlogits[e] = v;
-                }
-            }
-            phase_end<TIMED>(a, l, 2);
-            if (TIMED && blockIdx.x == 0 && threadIdx.x == 0)
-                a.phase_ns[1 + 6 * l + 3] = a.phase_ns[1 + 6 * l + 2];
-            load_vec_norm(vec4, a.x, L->mlp_norm, a.eps, H, red);
-        } else {
-            for (int e = gw; e < E; e += W)
-                prefetch_row(wr + (size_t)e * H, H * 2, (H * 2 + 127) / 128, lane);
-            phase_end<TIMED>(a, l, 2);
+        for (int e = gw; e < E; e += W)
+            prefetch_row(wr + (size_t)e * H, H * 2, (H * 2 + 127) / 128, lane);
+        phase_end<TIMED>(a, l, 2);
 
-            /* 4. router logits: every block normalizes x (it needs hn
-             * next), the first E warps of the grid compute one logit each. */
-            load_vec_norm(vec4, a.x, L->mlp_norm, a.eps, H, red);
-            for (int e = gw; e < E; e += W) {
-                const float v = route_logit(wr, L->br, e, H, vec4, lane);
-                if (lane == 0)
-                    a.rlogits[e] = v;
-            }
-            phase_end<TIMED>(a, l, 3);
+        /* 4. router logits: every block normalizes x (it needs hn next),
+         * the first E warps of the grid compute one logit each. (The last
+         * o_proj block computing them instead, one barrier less, measured
+         * slower: 133.6 against 126.6 us a layer, H100, run 7: the one
+         * block's serial norm and 4 rows a warp cost more than the
+         * barrier.) */
+        load_vec_norm(vec4, a.x, L->mlp_norm, a.eps, H, red);
+        for (int e = gw; e < E; e += W) {
+            const float v = route_logit(wr, L->br, e, H, vec4, lane);
+            if (lane == 0)
+                a.rlogits[e] = v;
         }
+        phase_end<TIMED>(a, l, 3);
 
         /* 5. top-k (every block, same bits), gate_up + SwiGLU; then the
-         * first rows of this warp's (block's) down items start towards L2. */
+         * first rows of this block's down items start towards L2. */
         for (int e = threadIdx.x; e < E; e += blockDim.x)
             logits[e] = __ldcg(a.rlogits + e);
         __syncthreads();
@@ -189,36 +156,19 @@ __global__ void __launch_bounds__(DEC_THREADS, DEC_BPS) decode_layers_kernel(kn_
         __syncthreads();
         const __half *gu = reinterpret_cast<const __half *>(L->gate_up);
         const __half *dn = reinterpret_cast<const __half *>(L->down);
-        if constexpr (BLOCK) {
-            for (int it = blockIdx.x; it < n_gu; it += gridDim.x)
-                moe_block_item<0, true>(it, reinterpret_cast<const float *>(vec4), scratch, gu,
-                                        NULL, sids, sw, H, 2 * I, K, a.plan.ks_gu, a.moe_partial,
-                                        a.gu_counters, L->gate_up_b, a.limit, a.alpha, a.act,
-                                        &last);
-            for (int it = blockIdx.x; it < n_dn; it += gridDim.x)
-                moe_block_prefetch_down(it, dn, sids, I, H, a.plan.ks_dn);
-        } else {
-            for (int it = gw; it < n_gu; it += W)
-                moe_item<0, true>(it, reinterpret_cast<const float *>(vec4), xw, gu, NULL, sids,
-                                  sw, H, 2 * I, K, a.plan.ks_gu, a.moe_partial, a.gu_counters,
-                                  L->gate_up_b, a.limit, a.alpha, a.act, lane);
-            for (int it = gw; it < n_dn; it += W)
-                moe_prefetch(it, dn, sids, I, H, a.plan.ks_dn, lane);
-        }
+        for (int it = blockIdx.x; it < n_gu; it += gridDim.x)
+            moe_item<0, true>(it, reinterpret_cast<const float *>(vec4), scratch, gu, NULL, sids,
+                              sw, H, 2 * I, K, a.plan.ks_gu, a.moe_partial, a.gu_counters,
+                              L->gate_up_b, a.limit, a.alpha, a.act, &last);
+        for (int it = blockIdx.x; it < n_dn; it += gridDim.x)
+            moe_prefetch_down(it, dn, sids, I, H, a.plan.ks_dn);
         phase_end<TIMED>(a, l, 4);
 
         /* 6. down, weighted sum into x; the next layer's q/k/v rows start
          * towards L2. */
-        if constexpr (BLOCK) {
-            for (int it = blockIdx.x; it < n_dn; it += gridDim.x)
-                moe_block_item<1, false>(it, a.act, scratch, dn, NULL, sids, sw, I, H, K,
-                                         a.plan.ks_dn, a.moe_partial, a.dn_counters, L->down_b,
-                                         0.f, 0.f, a.x, &last);
-        } else {
-            for (int it = gw; it < n_dn; it += W)
-                moe_item<1, false>(it, a.act, xw, dn, NULL, sids, sw, I, H, K, a.plan.ks_dn,
-                                   a.moe_partial, a.dn_counters, L->down_b, 0.f, 0.f, a.x, lane);
-        }
+        for (int it = blockIdx.x; it < n_dn; it += gridDim.x)
+            moe_item<1, false>(it, a.act, scratch, dn, NULL, sids, sw, I, H, K, a.plan.ks_dn,
+                               a.moe_partial, a.dn_counters, L->down_b, 0.f, 0.f, a.x, &last);
         if (l + 1 < a.nlayers)
             for (int p = gw; p < npairs; p += W)
                 qkv_prefetch(p, reinterpret_cast<const __half *>(a.layers[l + 1].wqkv), H, g,
@@ -227,20 +177,18 @@ __global__ void __launch_bounds__(DEC_THREADS, DEC_BPS) decode_layers_kernel(kn_
     }
 }
 
-/* An item's fixed cost (stage its input, sum its row groups, write the
- * partial, arrive; the last one also reduces), in rows of its own width
- * streamed. Warp items: 32 (ks 8/17 on 3,168 warps, run 5). Block items:
- * run 6 measured them at ks 11 (5 rounds on 396 blocks) at 49.5 us for
+/* An expert item's fixed cost (stage its input, sum its row groups, write
+ * the partial, arrive; the last one also reduces), in rows streamed. Run 6
+ * measured the items at ks 11 (5 rounds on 396 blocks) at 49.5 us for
  * gate_up and 30.5 us for down, against 31.6 and 15.8 us of bytes at
  * 4.2 TB/s: ~3.6 and ~2.9 us a round over the bytes, i.e. ~150 and ~240
  * rows at the rate each round streamed. With 200, ks 2 (360 items, one
- * round) wins for both; the old 32 chose ks 11 by 2 rows. */
-#define MOE_WARP_ITEM_COST 32
-#define MOE_BLOCK_ITEM_COST 200
+ * round) wins for both; the 32 used before chose ks 11 by 2 rows. */
+#define MOE_ITEM_COST 200
 
 /* ksplit for an expert GEMV whose items (tiles of TW columns x topk, a
- * split each) run on `units` blocks or warps: the fewest rounds x (rows a
- * split + the item's fixed cost); at least 64 rows a split. */
+ * split each) run on `units` blocks: the fewest rounds x (rows a split +
+ * the item's fixed cost); at least 64 rows a split. */
 static int moe_ksplit(int K, int N, int TW, int topk, int units, int item_cost)
 {
     const long per = (long)kn_div_up(N, TW) * topk;
@@ -259,48 +207,42 @@ static int moe_ksplit(int K, int N, int TW, int topk, int units, int item_cost)
     return best;
 }
 
-template <bool BLOCK>
-static bool dec_fits(size_t smem, int bps, int *occ)
+/* Whether the persistent kernel can launch with smem bytes of shared
+ * memory a block; *occ: its blocks a multiprocessor. */
+static bool dec_fits(size_t smem, int *occ)
 {
     if (smem > 48 * 1024 &&
-        (cudaFuncSetAttribute((const void *)decode_layers_kernel<false, BLOCK>,
+        (cudaFuncSetAttribute((const void *)decode_layers_kernel<false>,
                               cudaFuncAttributeMaxDynamicSharedMemorySize,
                               (int)smem) != cudaSuccess ||
-         cudaFuncSetAttribute((const void *)decode_layers_kernel<true, BLOCK>,
+         cudaFuncSetAttribute((const void *)decode_layers_kernel<true>,
                               cudaFuncAttributeMaxDynamicSharedMemorySize,
                               (int)smem) != cudaSuccess))
         return false;
-    return cudaOccupancyMaxActiveBlocksPerMultiprocessor(occ, decode_layers_kernel<false, BLOCK>,
+    return cudaOccupancyMaxActiveBlocksPerMultiprocessor(occ, decode_layers_kernel<false>,
                                                          DEC_THREADS, smem) == cudaSuccess &&
-           *occ >= 1 && bps > 0;
+           *occ >= 1;
 }
 
 extern "C" int kn_llm_decode_plan(int nsm, int H, int I, int E, int topk, int nheads,
-                                  int head_dim, int moe_block, struct kn_decode_plan *p)
+                                  int head_dim, struct kn_decode_plan *p)
 {
     if (topk > MAX_TOPK || head_dim > 32 * DEC_MAX_DPL || nsm < 1)
         return -EINVAL;
     const int Q = nheads * head_dim;
     int bps = DEC_BPS;
-    p->moe_block = moe_block ? 1 : 0;
     /* Fewer warps give bigger splits and more shared memory a block, which
      * may lower the occupancy again: bps only falls, so this ends. */
     for (;;) {
         const int nw = nsm * bps * DEC_WARPS;
         p->blocks = nsm * bps;
-        if (p->moe_block) {
-            p->ks_gu = moe_ksplit(H, 2 * I, moe_tw<0>::v, topk, p->blocks, MOE_BLOCK_ITEM_COST);
-            p->ks_dn = moe_ksplit(I, H, moe_tw<1>::v, topk, p->blocks, MOE_BLOCK_ITEM_COST);
-        } else {
-            p->ks_gu = moe_ksplit(H, 2 * I, MOE_TW, topk, nw, MOE_WARP_ITEM_COST);
-            p->ks_dn = moe_ksplit(I, H, MOE_TW, topk, nw, MOE_WARP_ITEM_COST);
-        }
+        p->ks_gu = moe_ksplit(H, 2 * I, moe_tw<0>::v, topk, p->blocks, MOE_ITEM_COST);
+        p->ks_dn = moe_ksplit(I, H, moe_tw<1>::v, topk, p->blocks, MOE_ITEM_COST);
         const int ns = nw / (2 * nheads);
         p->nsplit = ns < 1 ? 1 : ns > MAX_NSPLIT ? MAX_NSPLIT : ns;
-        p->smem = (size_t)dec_smem_floats(H, I, Q, E, p) * sizeof(float);
+        p->smem = (size_t)dec_smem_floats(H, I, Q, E, p->ks_gu, p->ks_dn) * sizeof(float);
         int occ = 0;
-        if (!(p->moe_block ? dec_fits<true>(p->smem, bps, &occ)
-                           : dec_fits<false>(p->smem, bps, &occ))) {
+        if (!dec_fits(p->smem, &occ)) {
             cudaGetLastError();
             p->blocks = 0;      /* the splits still serve the per-step launches */
             return 0;
@@ -323,13 +265,8 @@ extern "C" int kn_llm_decode_layers(const struct kn_decode_args *a, cudaStream_t
     attr[0].val.cooperative = 1;
     cfg.attrs = attr;
     cfg.numAttrs = 1;
-    cudaError_t e;
-    if (a->plan.moe_block)
-        e = a->phase_ns ? cudaLaunchKernelEx(&cfg, decode_layers_kernel<true, true>, *a)
-                        : cudaLaunchKernelEx(&cfg, decode_layers_kernel<false, true>, *a);
-    else
-        e = a->phase_ns ? cudaLaunchKernelEx(&cfg, decode_layers_kernel<true, false>, *a)
-                        : cudaLaunchKernelEx(&cfg, decode_layers_kernel<false, false>, *a);
+    cudaError_t e = a->phase_ns ? cudaLaunchKernelEx(&cfg, decode_layers_kernel<true>, *a)
+                                : cudaLaunchKernelEx(&cfg, decode_layers_kernel<false>, *a);
     if (e != cudaSuccess) {
         cudaGetLastError();
         dq_log(DQ_LOG_ERROR, "kernels", "decode_layers (%d blocks): launch failed: %s",

@@ -24,7 +24,6 @@
 #define DEC_BPS 3           /* blocks a multiprocessor the persistent kernel is built for */
 #define MAX_TOPK 32
 #define MAX_NSPLIT 32       /* attention splits a head: one per lane in the combine */
-#define MOE_TW 64           /* output columns of an expert-GEMV item: 8 lanes x 8 */
 #define DEC_MAX_DPL 4       /* head_dim <= 128: dims per lane */
 /* Lines of 128 bytes of each row a GEMV block prefetches into L2 before
  * waiting for the previous kernel (PDL); for lm_head, 2 KB a row keeps the
@@ -388,139 +387,12 @@ static __device__ void route_block(float4 *vec4, float *logits, const float *x,
 
 /* ------------------------------------------------- the expert GEMVs */
 
-/* Item it of an expert GEMV out[j] = x[j] @ W[e_j] (W [K, N], x @ W
- * layout) for one warp, so no warp of a block waits on another (block
- * items, 128/64 columns a block, measured 3.20 against 2.86 ms a token in
- * the persistent kernel on an H200 with 11 splits: NOTES-engine.md, run 6):
- * MOE_TW output columns (lane & 7 owns 8 of them) of chosen
- * expert j over one of ks row splits; the warp's four row groups (lane >> 3)
- * stride down the split's rows and are summed by shuffles. Items are
- * numbered tile fastest, so a block's warps read neighbouring columns of
- * the same rows. The partial goes to partial[j][s][N]; the last split of
- * (j, tile) to finish adds the bias and the splits in order, then
- *   MODE 0 (gate_up): SwiGLU into out = act[j][N/2];
- *   MODE 1 (down): y into ybuf[j] (after the partials); the last expert of
- *   the tile adds sum_j w[j] * y[j] into out = x, in expert order.
- * xsrc: MODE 0 hn [K] (in shared memory when XS_SMEM), MODE 1 act [topk][K];
- * xw: the warp's shared scratch for its input slice (>= ceil(K/ks) floats).
- * counters: MODE 0 [topk * tiles], MODE 1 [topk * tiles + tiles]. */
-template <int MODE, bool XS_SMEM>
-__device__ __forceinline__ void moe_item(int it, const float *xsrc, float *xw,
-                                         const __half *base, const __half *const *ptrs,
-                                         const int *ids, const float *wts, int K, int N, int topk,
-                                         int ks, float *partial, int *counters,
-                                         const float *__restrict__ b, float limit, float alpha,
-                                         float *out, int lane)
-{
-    const int tiles = (N + MOE_TW - 1) / MOE_TW;
-    const int tile = it % tiles, js = it / tiles, s = js % ks, j = js / ks;
-    const int kc = (K + ks - 1) / ks, k0 = s * kc, k1 = min(K, k0 + kc);
-    const int rg = lane >> 3, col = tile * MOE_TW + (lane & 7) * 8;
-    const __half *W = ptrs ? ptrs[j] : base + (size_t)ids[j] * K * N;
-    /* The first rows of the slab start towards L2 while the input is staged. */
-    if (k0 + lane < k1)
-        prefetch_l2(W + (size_t)(k0 + lane) * N + tile * MOE_TW);
-    const float *xs;
-    if (XS_SMEM) {
-        xs = xsrc + k0;
-    } else {
-        const float *src = MODE == 0 ? xsrc + k0 : xsrc + (size_t)j * K + k0;
-        for (int i = lane; i < k1 - k0; i += 32)
-            xw[i] = __ldcg(src + i);
-        __syncwarp();
-        xs = xw;
-    }
-    float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-    if (col < N) {
-        const size_t rs = (size_t)(N >> 3);      /* uint4 per row */
-        const uint4 *wp = reinterpret_cast<const uint4 *>(W + (size_t)(k0 + rg) * N + col);
-        int k = k0 + rg;
-        /* Eight rows in flight per lane (32 per warp) before the first use;
-         * the rest one at a time. */
-        for (; k + 28 < k1; k += 32) {
-            uint4 wv[8];
-#pragma unroll
-            for (int u = 0; u < 8; u++)
-                wv[u] = ld_stream(wp + (size_t)u * 4 * rs);
-#pragma unroll
-            for (int u = 0; u < 8; u++)
-                axpy8(acc, xs[k - k0 + 4 * u], wv[u]);
-            wp += 32 * rs;
-        }
-        for (; k < k1; k += 4) {
-            axpy8(acc, xs[k - k0], ld_stream(wp));
-            wp += 4 * rs;
-        }
-    }
-    /* Sum the four row groups: every lane ends with the same bits (float
-     * addition commutes: a0+a1 == a1+a0). */
-#pragma unroll
-    for (int i = 0; i < 8; i++) {
-        acc[i] += __shfl_xor_sync(0xffffffffu, acc[i], 8);
-        acc[i] += __shfl_xor_sync(0xffffffffu, acc[i], 16);
-    }
-    if (lane < 8 && col < N) {
-        float4 *pp = reinterpret_cast<float4 *>(partial + ((size_t)j * ks + s) * N + col);
-        pp[0] = make_float4(acc[0], acc[1], acc[2], acc[3]);
-        pp[1] = make_float4(acc[4], acc[5], acc[6], acc[7]);
-    }
-    if (!warp_arrive_last(counters + j * tiles + tile, ks, lane))
-        return;
-    const int e = ids[j];
-    const int c_end = min(N, (tile + 1) * MOE_TW);
-    if (MODE == 0) {
-        const int c = tile * MOE_TW + 2 * lane;
-        if (c < c_end) {
-            float gte = b[(size_t)e * N + c], up = b[(size_t)e * N + c + 1];
-            for (int q = 0; q < ks; q++) {
-                const float *pp = partial + ((size_t)j * ks + q) * N + c;
-                gte += __ldcg(pp);
-                up += __ldcg(pp + 1);
-            }
-            gte = fminf(gte, limit);
-            up = fminf(fmaxf(up, -limit), limit);
-            const float glu = gte / (1.f + expf(-alpha * gte));
-            out[(size_t)j * (N >> 1) + (c >> 1)] = (up + 1.f) * glu;
-        }
-        return;
-    }
-    float *ybuf = partial + (size_t)topk * ks * N;
-    for (int c = tile * MOE_TW + lane; c < c_end; c += 32) {
-        float y = b[(size_t)e * N + c];
-        for (int q = 0; q < ks; q++)
-            y += __ldcg(partial + ((size_t)j * ks + q) * N + c);
-        ybuf[(size_t)j * N + c] = y;
-    }
-    if (!warp_arrive_last(counters + topk * tiles + tile, topk, lane))
-        return;
-    for (int c = tile * MOE_TW + lane; c < c_end; c += 32) {
-        float sum = 0.f;
-        for (int jj = 0; jj < topk; jj++)
-            sum += wts[jj] * __ldcg(ybuf + (size_t)jj * N + c);
-        out[c] = __ldcg(out + c) + sum;
-    }
-}
-
-/* Streams the first rows of a down item's slab into L2 (one 128-byte line a
- * row: MOE_TW fp16 columns) while other warps finish the gate_up phase. */
-__device__ __forceinline__ void moe_prefetch(int it, const __half *base, const int *ids, int K,
-                                             int N, int ks, int lane)
-{
-    const int tiles = (N + MOE_TW - 1) / MOE_TW;
-    const int tile = it % tiles, js = it / tiles, s = js % ks, j = js / ks;
-    const int kc = (K + ks - 1) / ks, k0 = s * kc, k1 = min(K, k0 + kc);
-    const __half *W = base + (size_t)ids[j] * K * N + tile * MOE_TW;
-    for (int k = k0 + lane; k < k1 && k < k0 + 64; k += 32)
-        prefetch_l2(W + (size_t)k * N);
-}
-
-
-/* ------------------------------------- the expert GEMVs, block items */
-
-/* The other item shape of the expert GEMVs (kn_decode_plan.moe_block):
- * a whole block a item, as the run-4 kernels (NOTES-engine.md): 128
- * output columns for gate_up (N = 2I), 64 for down (41 and 28 us per-step
- * on an H200, the fastest widths measured). */
+/* An expert-GEMV item is a whole block's, as the run-4 kernels
+ * (NOTES-engine.md): 128 output columns for gate_up (N = 2I), 64 for down
+ * (41 and 28 us per-step on an H200, the fastest widths measured). Items a
+ * warp each (64 columns, ks 8/17) measured slower inside the persistent
+ * kernel: 140.4 against 133.6 us a layer, gate_up phase 59.3 against 53.3
+ * (H100, run 7). */
 template <int MODE> struct moe_tw {
     static constexpr int v = MODE == 0 ? 128 : 64;
 };
@@ -547,12 +419,12 @@ __host__ __device__ static inline int moe_scratch_floats(int K, int ks)
  * [topk][K]. scratch: moe_scratch_floats(K, ks) of shared memory; last_flag:
  * a shared int. counters: [tiles]. Called by every thread of the block. */
 template <int MODE, bool XS_SMEM>
-__device__ __forceinline__ void moe_block_item(int it, const float *xsrc, float *scratch,
-                                               const __half *base, const __half *const *ptrs,
-                                               const int *ids, const float *wts, int K, int N,
-                                               int topk, int ks, float *partial, int *counters,
-                                               const float *__restrict__ b, float limit,
-                                               float alpha, float *out, int *last_flag)
+__device__ __forceinline__ void moe_item(int it, const float *xsrc, float *scratch,
+                                         const __half *base, const __half *const *ptrs,
+                                         const int *ids, const float *wts, int K, int N, int topk,
+                                         int ks, float *partial, int *counters,
+                                         const float *__restrict__ b, float limit, float alpha,
+                                         float *out, int *last_flag)
 {
     constexpr int TW = moe_tw<MODE>::v, LPR = TW / 8, RG = DEC_THREADS / LPR;
     const int tiles = div_up(N, TW);
@@ -649,11 +521,11 @@ __device__ __forceinline__ void moe_block_item(int it, const float *xsrc, float 
     }
 }
 
-/* Streams the first 64 rows of a down block item's slab into L2 (one
+/* Streams the first 64 rows of a down item's slab into L2 (one
  * 128-byte line a row: 64 fp16 columns) while other blocks finish the
  * gate_up phase. */
-__device__ __forceinline__ void moe_block_prefetch_down(int it, const __half *base,
-                                                        const int *ids, int K, int N, int ks)
+__device__ __forceinline__ void moe_prefetch_down(int it, const __half *base, const int *ids,
+                                                  int K, int N, int ks)
 {
     constexpr int TW = moe_tw<1>::v;
     const int tiles = div_up(N, TW);

@@ -169,6 +169,7 @@ extern "C" int kn_llm_oproj_route(const kn_half *Wo, const float *bo, int H, int
                          topk, hn, ids, w, counter);
 }
 
+/* One expert-GEMV item a block (moe_item). */
 template <int MODE>
 __global__ void __launch_bounds__(DEC_THREADS)
 moe_decode_kernel(const float *__restrict__ xin, const __half *base,
@@ -177,34 +178,12 @@ moe_decode_kernel(const float *__restrict__ xin, const __half *base,
                   float *__restrict__ partial, int *__restrict__ counters,
                   const float *__restrict__ b, float limit, float alpha, float *__restrict__ out)
 {
-    extern __shared__ float xw_all[];
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    const int it = blockIdx.x * DEC_WARPS + warp;
-    const int items = div_up(N, MOE_TW) * topk * ks;
-    const int kcp = round4(div_up(K, ks));
-    pdl_wait();
-    pdl_launch_dependents();
-    if (it < items)
-        moe_item<MODE, false>(it, xin, xw_all + warp * kcp, base, ptrs, ids, wts, K, N, topk, ks,
-                              partial, counters, b, limit, alpha, out, lane);
-}
-
-/* The block-item shape (plan->moe_block): one item a block. */
-template <int MODE>
-__global__ void __launch_bounds__(DEC_THREADS)
-moe_block_decode_kernel(const float *__restrict__ xin, const __half *base,
-                        const __half *const *__restrict__ ptrs, const int *__restrict__ ids,
-                        const float *__restrict__ wts, int K, int N, int topk, int ks,
-                        float *__restrict__ partial, int *__restrict__ counters,
-                        const float *__restrict__ b, float limit, float alpha,
-                        float *__restrict__ out)
-{
     extern __shared__ float scratch[];
     __shared__ int last;
     pdl_wait();
     pdl_launch_dependents();
-    moe_block_item<MODE, false>(blockIdx.x, xin, scratch, base, ptrs, ids, wts, K, N, topk, ks,
-                                partial, counters, b, limit, alpha, out, &last);
+    moe_item<MODE, false>(blockIdx.x, xin, scratch, base, ptrs, ids, wts, K, N, topk, ks, partial,
+                          counters, b, limit, alpha, out, &last);
 }
 
 template <int MODE>
@@ -216,26 +195,15 @@ static int moe_launch(const float *xin, struct kn_expert_src W, const int *ids, 
     const int ksplit = MODE == 0 ? p->ks_gu : p->ks_dn;
     if (topk > MAX_TOPK || ksplit < 1)
         return -EINVAL;
-    const char *name = MODE == 0 ? "moe_gate_up_decode" : "moe_down_decode";
-    const __half *base = reinterpret_cast<const __half *>(W.base);
-    const __half *const *ptrs = reinterpret_cast<const __half *const *>(W.ptrs);
-    if (p->moe_block) {
-        const int smem = moe_scratch_floats(K, ksplit) * (int)sizeof(float);
-        if (smem > 48 * 1024)
-            cudaFuncSetAttribute((const void *)moe_block_decode_kernel<MODE>,
-                                 cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-        const int items = kn_div_up(N, moe_tw<MODE>::v) * topk * ksplit;
-        return kn_launch_pdl(name, moe_block_decode_kernel<MODE>, dim3(items), dim3(DEC_THREADS),
-                             smem, s, xin, base, ptrs, ids, wts, K, N, topk, ksplit, partial,
-                             counters, b, limit, alpha, out);
-    }
-    const int smem = DEC_WARPS * round4(kn_div_up(K, ksplit)) * (int)sizeof(float);
+    const int smem = moe_scratch_floats(K, ksplit) * (int)sizeof(float);
     if (smem > 48 * 1024)
         cudaFuncSetAttribute((const void *)moe_decode_kernel<MODE>,
                              cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-    const int items = kn_div_up(N, MOE_TW) * topk * ksplit;
-    return kn_launch_pdl(name, moe_decode_kernel<MODE>, dim3(kn_div_up(items, DEC_WARPS)),
-                         dim3(DEC_THREADS), smem, s, xin, base, ptrs, ids, wts, K, N, topk,
+    const int items = kn_div_up(N, moe_tw<MODE>::v) * topk * ksplit;
+    return kn_launch_pdl(MODE == 0 ? "moe_gate_up_decode" : "moe_down_decode",
+                         moe_decode_kernel<MODE>, dim3(items), dim3(DEC_THREADS), smem, s, xin,
+                         reinterpret_cast<const __half *>(W.base),
+                         reinterpret_cast<const __half *const *>(W.ptrs), ids, wts, K, N, topk,
                          ksplit, partial, counters, b, limit, alpha, out);
 }
 
@@ -258,15 +226,14 @@ extern "C" int kn_llm_moe_down_decode(const float *act, struct kn_expert_src W, 
                          s);
 }
 
-/* Sized for either item shape: the per-warp items (64 columns a tile, and
- * for down one more counter a tile and one more partial row an expert)
- * need at least what the block items (128/64 columns a tile) do. */
 extern "C" int kn_llm_moe_counters(int N, int topk, int mode)
 {
-    return kn_div_up(N, MOE_TW) * (mode == 0 ? topk : topk + 1);
+    (void)topk;
+    return kn_div_up(N, mode == 0 ? moe_tw<0>::v : moe_tw<1>::v);
 }
 
 extern "C" size_t kn_llm_moe_partial_floats(int N, int topk, int ksplit, int mode)
 {
-    return (size_t)N * topk * (mode == 0 ? ksplit : ksplit + 1);
+    (void)mode;
+    return (size_t)N * topk * ksplit;
 }

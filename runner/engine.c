@@ -401,24 +401,15 @@ static int check_dims(const struct rn_config *c)
     return 0;
 }
 
-/* Whether the environment variable `name` equals `value`. */
-static bool env_is(const char *name, const char *value)
-{
-    const char *v = getenv(name);
-    return v && strcmp(v, value) == 0;
-}
-
 /* The decode step's work split (kn_llm_decode_plan) for this card, and
  * whether a resident step may run as one persistent kernel: cooperative
  * launches must be supported (otherwise resident decode launches each step,
- * as the 24 GB mode does). Expert GEMVs as block items at the planned
- * splits; BNBFS_DECODE_MOE=warp selects the per-warp items, to compare
- * (both drivers follow the plan, so the two modes stay bit-identical). */
+ * as the 24 GB mode does). */
 static int decode_plan(struct rn_engine *e, const struct cudaDeviceProp *prop)
 {
     const struct rn_config *c = &e->c;
     if (kn_llm_decode_plan(e->nsm, c->hidden, c->intermediate, c->nexperts, c->topk, c->nheads,
-                           c->head_dim, !env_is("BNBFS_DECODE_MOE", "warp"), &e->plan)) {
+                           c->head_dim, &e->plan)) {
         dq_log(DQ_LOG_ERROR, ENG_TAG, "unsupported model shape for the decode kernels");
         return -ENOTSUP;
     }
@@ -433,9 +424,8 @@ static int decode_args(struct rn_engine *e)
     const struct rn_config *c = &e->c;
     e->persistent = e->persistent && e->resident;
     if (!e->persistent) {
-        dq_log(DQ_LOG_INFO, ENG_TAG, "decode: one launch per layer step, expert %s items, "
-               "splits %d/%d, attention splits %d", e->plan.moe_block ? "block" : "warp",
-               e->plan.ks_gu, e->plan.ks_dn, e->plan.nsplit);
+        dq_log(DQ_LOG_INFO, ENG_TAG, "decode: one launch per layer step, expert splits %d/%d, "
+               "attention splits %d", e->plan.ks_gu, e->plan.ks_dn, e->plan.nsplit);
         return 0;
     }
     struct kn_decode_layer *hl = calloc((size_t)c->nlayers, sizeof *hl);
@@ -465,16 +455,11 @@ static int decode_args(struct rn_engine *e)
         .attn = e->attn, .act = e->act, .rlogits = e->rlogits, .attn_partial = e->attn_partial,
         .moe_partial = e->moe_partial, .attn_counters = e->attn_counters,
         .gu_counters = e->gu_counters, .dn_counters = e->dn_counters, .barrier = e->barrier,
-        .plan = e->plan, .route_counter = e->d_route_counter,
-        /* the router logits in the o_proj phase's last block;
-         * BNBFS_DECODE_ROUTE=phase: a phase of their own, to compare */
-        .route_fold = !env_is("BNBFS_DECODE_ROUTE", "phase"),
+        .plan = e->plan,
     };
     dq_log(DQ_LOG_INFO, ENG_TAG, "decode: one persistent kernel a token, %d blocks (%d a "
-           "multiprocessor), expert %s items, splits %d/%d, attention splits %d, router %s",
-           e->plan.blocks, e->plan.blocks / e->nsm, e->plan.moe_block ? "block" : "warp",
-           e->plan.ks_gu, e->plan.ks_dn, e->plan.nsplit,
-           e->dargs.route_fold ? "in the o_proj phase" : "a phase of its own");
+           "multiprocessor), expert splits %d/%d, attention splits %d", e->plan.blocks,
+           e->plan.blocks / e->nsm, e->plan.ks_gu, e->plan.ks_dn, e->plan.nsplit);
     return 0;
 }
 
@@ -532,8 +517,6 @@ static int engine_init(struct rn_engine *e)
         return blas_fail(bs, "set stream");
 
     TRY(eng_plan_and_alloc(e));
-    CU(cudaMalloc((void **)&e->d_route_counter, sizeof *e->d_route_counter));
-    CU(cudaMemset(e->d_route_counter, 0, sizeof *e->d_route_counter));
     TRY(decode_args(e));
     e->npf = e->resident ? ENG_PF_STREAMS : 1;
     CU(cudaEventCreateWithFlags(&e->ev_fork, cudaEventDisableTiming));
@@ -635,8 +618,6 @@ void rn_engine_free(struct rn_engine *e)
     eng_host_experts_free(e);
     if (e->d_pick)
         cudaFree(e->d_pick);
-    if (e->d_route_counter)
-        cudaFree(e->d_route_counter);
     if (e->pool)
         cudaFree(e->pool);
     free(e->L);

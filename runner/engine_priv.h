@@ -108,8 +108,6 @@ struct rn_engine {
     struct kn_pick *d_pick;     /* device; greedy pick of the last logits (own cudaMalloc:
                                  * 16 bytes, zeroed at creation; kn_llm_argmax) */
     int32_t *h_pick;            /* pinned [1]: the picked id */
-    int *d_route_counter;       /* device [1] (own cudaMalloc, zeroed): the persistent
-                                 * kernel's last-block count of the o_proj phase */
     float *h_x;                 /* pinned [chunk, H]: embedding rows from the host */
     int *h_ids;                 /* pinned [topk] */
     const kn_half **d_wptr;     /* device [nlayers][2][topk]: slot pointers */

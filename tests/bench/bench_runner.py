@@ -24,10 +24,6 @@ shapes, random weights; generated into DIR by tests/fixtures/gen_fixture.py
   hostpick     resident decode picking on the host (llm-driver --host-pick:
                the 804 KB of logits back and bnbfs-run's sampler each token)
                instead of the GPU's pick (comparison)
-  warp         resident decode with the per-warp expert items
-               (BNBFS_DECODE_MOE=warp; comparison)
-  routephase   resident decode with the router logits as a phase of their own
-               (BNBFS_DECODE_ROUTE=phase; comparison)
   base         resident decode of the builds given by --base-build (e.g. the
                code before a change), same run and card
 Prints a table and appends it with the card's name and the date to --results;
@@ -153,16 +149,6 @@ def stage_hostpick(a, res):
     res["hostpick"] = driver_bench(a, "--repeat", 3, "--host-pick", prefill=False)
 
 
-def stage_warp(a, res):
-    res["warp"] = driver_bench(a, "--repeat", 3, env={"BNBFS_DECODE_MOE": "warp"},
-                               prefill=False)
-
-
-def stage_routephase(a, res):
-    res["routephase"] = driver_bench(a, "--repeat", 3, env={"BNBFS_DECODE_ROUTE": "phase"},
-                                     prefill=False)
-
-
 def stage_base(a, res):
     """Resident decode of other builds (--base-build, once or more: e.g. the
     commit before a change), in the same run on the same card."""
@@ -269,9 +255,7 @@ def table(res, card):
             add("PCIe 4 x16 (25 GB/s) bound for that traffic", f"{PCIE4 / mpt:.1f} tok/s")
     cmp = [(k, f"build {res[k].get('build', '')} (--base-build)")
            for k in sorted(res) if k.startswith("base") and res[k]]
-    cmp = [("hostpick", "greedy pick on the host (--host-pick)"),
-           ("warp", "per-warp expert items (BNBFS_DECODE_MOE=warp)"),
-           ("routephase", "router logits a phase of their own (BNBFS_DECODE_ROUTE=phase)")] + cmp
+    cmp = [("hostpick", "greedy pick on the host (--host-pick)")] + cmp
     for key, what in cmp:
         X = res.get(key) or {}
         if X and R:
@@ -353,8 +337,7 @@ def main():
            "failed": {}}
     stages = {"cold": stage_cold, "resident": stage_resident, "budget": stage_budget,
               "transformers": stage_transformers, "nopdl": stage_nopdl, "stream": stage_stream,
-              "base": stage_base, "hostpick": stage_hostpick, "warp": stage_warp,
-              "routephase": stage_routephase}
+              "base": stage_base, "hostpick": stage_hostpick}
     p = None
     for st in a.stages.split(","):
         try:

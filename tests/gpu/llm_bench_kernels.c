@@ -113,13 +113,13 @@ struct ctx {
     kn_half *wqkv[NCOPY], *wo[NCOPY], *wr[NCOPY], *gu[2], *dn[2], *lm;
     float *bqkv, *bo, *br, *gub, *dnb, *norm, *sinks, *rope;
     float *x, *q, *attn, *hn, *act, *wts, *logits, *partial, *apartial, *rlogits;
-    int *ids, *counters, *acounters, *route_counter;
+    int *ids, *counters, *acounters;
     unsigned *barrier;
     struct kn_pick *pick;
     kn_half *kc, *vc;
     struct kn_step *step;
     struct kn_attn_geom g;
-    struct kn_decode_plan plan, plan_w;     /* block expert items, warp items */
+    struct kn_decode_plan plan;
     struct kn_decode_args dargs;
     int ks_gu, ks_dn, nsplit, nsm;
 };
@@ -155,13 +155,7 @@ static int k_gu(void *v, int c)
     return kn_llm_moe_gate_up_decode(x->hn, src, x->gub, x->ids, H, I, K, &x->plan, 7.f, 1.702f,
                                      x->partial, x->counters, x->act, x->s);
 }
-static int k_gu_w(void *v, int c)
-{
-    struct ctx *x = v;
-    struct kn_expert_src src = {x->gu[c & 1], NULL};
-    return kn_llm_moe_gate_up_decode(x->hn, src, x->gub, x->ids, H, I, K, &x->plan_w, 7.f,
-                                     1.702f, x->partial, x->counters, x->act, x->s);
-}
+
 static int k_dn(void *v, int c)
 {
     struct ctx *x = v;
@@ -169,13 +163,7 @@ static int k_dn(void *v, int c)
     return kn_llm_moe_down_decode(x->act, src, x->dnb, x->ids, x->wts, I, H, K, &x->plan,
                                   x->partial, x->counters + CT_DN, x->x, x->s);
 }
-static int k_dn_w(void *v, int c)
-{
-    struct ctx *x = v;
-    struct kn_expert_src src = {x->dn[c & 1], NULL};
-    return kn_llm_moe_down_decode(x->act, src, x->dnb, x->ids, x->wts, I, H, K, &x->plan_w,
-                                  x->partial, x->counters + CT_DN, x->x, x->s);
-}
+
 static int k_argmax(void *v, int c)
 {
     struct ctx *x = v;
@@ -259,14 +247,12 @@ int main(int argc, char **argv)
     x.act = dev_f32((size_t)K * I, 0.1f);
     x.wts = dev_f32(K, 0.25f);
     x.logits = dev_f32(V, 0);
-    if (kn_llm_decode_plan(x.nsm, H, I, E, K, NH, HD, 1, &x.plan) ||
-        kn_llm_decode_plan(x.nsm, H, I, E, K, NH, HD, 0, &x.plan_w))
+    if (kn_llm_decode_plan(x.nsm, H, I, E, K, NH, HD, &x.plan))
         return 1;
     x.ks_gu = x.plan.ks_gu;
     x.ks_dn = x.plan.ks_dn;
-    const int mks = x.plan.ks_gu + x.plan.ks_dn + x.plan_w.ks_gu + x.plan_w.ks_dn;
-    x.partial = dev_f32(kn_llm_moe_partial_floats(2 * I, K, mks, 0) +
-                        kn_llm_moe_partial_floats(H, K, mks, 1), 0);
+    x.partial = dev_f32(kn_llm_moe_partial_floats(2 * I, K, x.ks_gu, 0) +
+                        kn_llm_moe_partial_floats(H, K, x.ks_dn, 1), 0);
     x.nsplit = x.plan.nsplit;
     x.apartial = dev_f32((size_t)NH * x.nsplit * (HD + 2), 0);
     x.rlogits = dev_f32(E, 0);
@@ -278,8 +264,6 @@ int main(int argc, char **argv)
     CK(cudaMemset(x.acounters, 0, NH * sizeof(int)));
     CK(cudaMalloc((void **)&x.barrier, sizeof(unsigned)));
     CK(cudaMemset(x.barrier, 0, sizeof(unsigned)));
-    CK(cudaMalloc((void **)&x.route_counter, sizeof(int)));
-    CK(cudaMemset(x.route_counter, 0, sizeof(int)));
     CK(cudaMalloc((void **)&x.pick, sizeof *x.pick));
     CK(cudaMemset(x.pick, 0, sizeof *x.pick));
     int hids[K] = {3, 17, 9, 28};
@@ -306,8 +290,7 @@ int main(int argc, char **argv)
         .limit = 7.f, .alpha = 1.702f, .rope = x.rope, .step = x.step, .x = x.x, .q = x.q,
         .attn = x.attn, .act = x.act, .rlogits = x.rlogits, .attn_partial = x.apartial,
         .moe_partial = x.partial, .attn_counters = x.acounters, .gu_counters = x.counters,
-        .dn_counters = x.counters + CT_DN, .barrier = x.barrier, .plan = x.plan,
-        .route_counter = x.route_counter, .route_fold = 1};
+        .dn_counters = x.counters + CT_DN, .barrier = x.barrier, .plan = x.plan};
 
     /* copy bandwidth */
     void *a, *b;
@@ -331,9 +314,8 @@ int main(int argc, char **argv)
     cudaFree(a);
     cudaFree(b);
     printf("{\"device\": \"%s\", \"copy_rw_Bps\": %.4e, \"ks_gu\": %d, \"ks_dn\": %d, "
-           "\"ks_gu_warp\": %d, \"ks_dn_warp\": %d, \"nsplit\": %d, \"blocks\": %d, "
-           "\"kernels\": {", prop.name, 2.0 * cb / best, x.ks_gu, x.ks_dn, x.plan_w.ks_gu,
-           x.plan_w.ks_dn, x.nsplit, x.plan.blocks);
+           "\"nsplit\": %d, \"blocks\": %d, \"kernels\": {", prop.name, 2.0 * cb / best,
+           x.ks_gu, x.ks_dn, x.nsplit, x.plan.blocks);
     struct kn_step st = {1, 255};
     CK(cudaMemcpy(x.step, &st, sizeof st, cudaMemcpyHostToDevice));
     struct { const char *name; launch_fn fn; int ncopy; double bytes; } ks[] = {
@@ -344,8 +326,6 @@ int main(int argc, char **argv)
         {"gate_up_4", k_gu, 2, 4.0 * H * 2 * I * 2},
         {"down_4", k_dn, 2, 4.0 * I * H * 2},
         {"lm_head", k_lm, 1, (double)V * H * 2},
-        {"gate_up_4_warp", k_gu_w, 2, 4.0 * H * 2 * I * 2},
-        {"down_4_warp", k_dn_w, 2, 4.0 * I * H * 2},
         {"argmax", k_argmax, 1, (double)V * 4},
         {"attn_256", k_attn, 1, 2.0 * NKV * 256 * HD * 2},
         {"rmsnorm", k_norm, 1, H * 4.0},
@@ -365,40 +345,26 @@ int main(int argc, char **argv)
          * positions is noise) */
         const double lb = ((double)QKV * H + (double)H * NH * HD + (double)E * H +
                            4.0 * (H * 2.0 * I + (double)I * H)) * 2;
-        /* block / warp expert items x router folded into o_proj / its own
-         * phase (the engine's BNBFS_DECODE_MOE / BNBFS_DECODE_ROUTE) */
-        struct { const char *name; int block, fold; } var[] = {
-            {"", 1, 1}, {"_warp", 0, 1}, {"_route_phase", 1, 0}, {"_warp_route_phase", 0, 0}};
-        for (size_t vi = 0; vi < sizeof var / sizeof *var; vi++) {
-            x.dargs.plan = var[vi].block ? x.plan : x.plan_w;
-            x.dargs.route_fold = var[vi].fold;
-            if (x.dargs.plan.blocks <= 0)
-                continue;
-            double tl = time_kernel(k_layers, &x, 1, x.s) / NL;
-            printf(", \"decode_layer%s\": {\"us\": %.2f, \"GBps\": %.1f}", var[vi].name,
-                   tl * 1e6, lb / tl / 1e9);
-            /* where a layer's time goes: block 0's clock at each phase's end */
-            uint64_t *dts, hts[1 + 6 * NL];
-            CK(cudaMalloc((void **)&dts, sizeof hts));
-            x.dargs.phase_ns = dts;
-            double ph[6] = {0};
-            for (int r = 0; r < 5; r++) {
-                if (kn_llm_decode_layers(&x.dargs, x.s))
-                    return 1;
-                CK(cudaMemcpy(hts, dts, sizeof hts, cudaMemcpyDeviceToHost));
-                for (int l = 0; r > 0 && l < NL; l++)       /* r = 0: warm-up */
-                    for (int k = 0; k < 6; k++)
-                        ph[k] += (double)(hts[1 + 6 * l + k] - hts[6 * l + k]) / (4.0 * NL);
-            }
-            x.dargs.phase_ns = NULL;
-            cudaFree(dts);
-            printf(", \"decode_phases%s_us\": {\"qkv\": %.2f, \"attn\": %.2f, "
-                   "\"o_proj\": %.2f, \"router\": %.2f, \"gate_up\": %.2f, \"down\": %.2f}",
-                   var[vi].name, ph[0] / 1e3, ph[1] / 1e3, ph[2] / 1e3, ph[3] / 1e3,
-                   ph[4] / 1e3, ph[5] / 1e3);
+        double tl = time_kernel(k_layers, &x, 1, x.s) / NL;
+        printf(", \"decode_layer\": {\"us\": %.2f, \"GBps\": %.1f}", tl * 1e6, lb / tl / 1e9);
+        /* where a layer's time goes: block 0's clock at each phase's end */
+        uint64_t *dts, hts[1 + 6 * NL];
+        CK(cudaMalloc((void **)&dts, sizeof hts));
+        x.dargs.phase_ns = dts;
+        double ph[6] = {0};
+        for (int r = 0; r < 5; r++) {
+            if (kn_llm_decode_layers(&x.dargs, x.s))
+                return 1;
+            CK(cudaMemcpy(hts, dts, sizeof hts, cudaMemcpyDeviceToHost));
+            for (int l = 0; r > 0 && l < NL; l++)       /* r = 0: warm-up */
+                for (int k = 0; k < 6; k++)
+                    ph[k] += (double)(hts[1 + 6 * l + k] - hts[6 * l + k]) / (4.0 * NL);
         }
-        x.dargs.plan = x.plan;
-        x.dargs.route_fold = 1;
+        x.dargs.phase_ns = NULL;
+        cudaFree(dts);
+        printf(", \"decode_phases_us\": {\"qkv\": %.2f, \"attn\": %.2f, \"o_proj\": %.2f, "
+               "\"router\": %.2f, \"gate_up\": %.2f, \"down\": %.2f}", ph[0] / 1e3,
+               ph[1] / 1e3, ph[2] / 1e3, ph[3] / 1e3, ph[4] / 1e3, ph[5] / 1e3);
     }
     st.pos = 8191;
     CK(cudaMemcpy(x.step, &st, sizeof st, cudaMemcpyHostToDevice));
