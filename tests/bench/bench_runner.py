@@ -252,7 +252,8 @@ def table(res, card):
         if "decode_moved_per_token" in B:
             mpt = B["decode_moved_per_token"]
             add("--vram-budget 24G bytes moved per decode token", f"{mpt / 1e9:.2f} GB")
-            add("PCIe 4 x16 (25 GB/s) bound for that traffic", f"{PCIE4 / mpt:.1f} tok/s")
+            add("PCIe 4 x16 (25 GB/s) bound for that traffic",
+                f"{PCIE4 / mpt:.1f} tok/s" if mpt else "none (no bytes over PCIe)")
     cmp = [(k, f"build {res[k].get('build', '')} (--base-build)")
            for k in sorted(res) if k.startswith("base") and res[k]]
     cmp = [("hostpick", "greedy pick on the host (--host-pick)")] + cmp
