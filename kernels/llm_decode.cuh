@@ -9,7 +9,7 @@
  *
  * Invariants: every weight byte is read once with 16-byte loads; every sum
  * has a fixed order (partials over K splits and experts are added in order
- * by the last warp to finish), and both drivers run this item code with the
+ * by the last warp or block to finish), and both drivers run this item code with the
  * same kn_decode_plan, so they give the same bits. Activations written
  * during the step are read with ld.global.cg (L2): inside the persistent
  * kernel another multiprocessor's L1 may hold an older copy.

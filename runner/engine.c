@@ -6,7 +6,9 @@
  * and the step is captured once as a CUDA graph and replayed; the 24 GB mode
  * launches each layer's five steps, the host choosing expert slots between
  * routing and the expert GEMVs. Both use one work split and give the same
- * bits. Prefill (n tokens, in chunks): cuBLAS GEMMs (fp16 in, fp32 out)
+ * bits. The greedy pick (argmax) of the logits runs on the GPU after
+ * lm_head, so a greedy caller gets 4 bytes back a token
+ * (rn_engine_forward_pick). Prefill (n tokens, in chunks): cuBLAS GEMMs (fp16 in, fp32 out)
  * for the projections and for each expert's grouped tokens, tensor-core
  * attention, and small fused kernels between them.
  *
