@@ -141,25 +141,51 @@ static void note_peak(struct fs_cache *k)
     if (h > k->peak) k->peak = h;
 }
 
-static void *pool_take(struct fs_cache *k, size_t cap)
+static void *pool_take(struct fs_cache *k, size_t cap, bool *pinned)
 {
     for (struct fs_pool_buf **p = &k->pool; *p; p = &(*p)->next)
         if ((*p)->cap == cap) {
             struct fs_pool_buf *b = *p;
             *p = b->next;
             k->pooled -= cap;
+            *pinned = b->pinned;
             return b;
         }
     return NULL;
 }
 
-static void pool_put(struct fs_cache *k, void *buf, size_t cap)
+static void pool_put(struct fs_cache *k, void *buf, size_t cap, bool pinned)
 {
     struct fs_pool_buf *b = buf;
     b->cap = cap;
+    b->pinned = pinned;
     b->next = k->pool;
     k->pool = b;
     k->pooled += cap;
+}
+
+/* Frees a buffer, first undoing an engine's pinning of it. */
+static void buf_free(struct fs_core *c, void *buf, size_t cap, bool pinned)
+{
+    if (pinned && c->pinner) c->pinner->buf_unpin(c->pinner->ctx, buf, cap);
+    free(buf);
+}
+
+/* Frees an idle buffer to make room: an unpinned one when there is one;
+ * a pinned one only when `any` (over the hard bound), since pinning it
+ * again costs more than faulting in a fresh buffer. False: none to free. */
+static bool pool_trim_one(struct fs_core *c, bool any)
+{
+    struct fs_cache *k = &c->cache;
+    for (struct fs_pool_buf **p = &k->pool; *p; p = &(*p)->next)
+        if (any || !(*p)->pinned) {
+            struct fs_pool_buf *b = *p;
+            *p = b->next;
+            k->pooled -= b->cap;
+            buf_free(c, b, b->cap, b->pinned);
+            return true;
+        }
+    return false;
 }
 
 static void wake_mem(struct fs_cache *k)
@@ -170,10 +196,11 @@ static void wake_mem(struct fs_cache *k)
 /* Gives the entry's reservation back; its buffer goes to the pool. */
 static void entry_release_mem(struct fs_cache *k, struct fs_slice *e)
 {
-    if (e->buf) pool_put(k, e->buf, e->cap);
+    if (e->buf) pool_put(k, e->buf, e->cap, e->job.dst_pinned);
     k->reserved -= e->cap;
     e->buf = NULL;
     e->job.dst = NULL;
+    e->job.dst_pinned = false;
     e->cap = 0;
     wake_mem(k);
 }
@@ -189,14 +216,16 @@ static void entry_free(struct fs_cache *k, struct fs_slice *e)
 
 /* Reserves cap bytes below `limit` (reusing an idle buffer of that size
  * when one is pooled), evicting unreferenced slices least recently used
- * first. 0: reserved (*buf is a pooled buffer or NULL); -EAGAIN: no room
- * and may_wait is false; 1: waited for memory, the caller must look its
- * slice up again since the lock was dropped. */
-static int reserve(struct fs_core *c, size_t cap, uint64_t limit, void **buf, bool may_wait)
+ * first. 0: reserved (*buf is a pooled buffer, *pinned its pinning, or
+ * NULL); -EAGAIN: no room and may_wait is false; 1: waited for memory, the
+ * caller must look its slice up again since the lock was dropped. */
+static int reserve(struct fs_core *c, size_t cap, uint64_t limit, void **buf, bool *pinned,
+                   bool may_wait)
 {
     struct fs_cache *k = &c->cache;
+    *pinned = false;
     for (;;) {
-        void *b = pool_take(k, cap);
+        void *b = pool_take(k, cap, pinned);
         if (b) {
             k->reserved += cap;
             *buf = b;
@@ -213,13 +242,8 @@ static int reserve(struct fs_core *c, size_t cap, uint64_t limit, void **buf, bo
             atomic_fetch_add_explicit(&c->stats.evictions, 1, memory_order_relaxed);
             continue;
         }
-        if ((soft || k->reserved + k->pooled + cap > limit) && k->pool) {
-            struct fs_pool_buf *p = k->pool;
-            k->pool = p->next;
-            k->pooled -= p->cap;
-            free(p);
-            continue;
-        }
+        bool over = k->reserved + k->pooled + cap > limit;
+        if ((soft || over) && k->pool && pool_trim_one(c, over)) continue;
         if (k->reserved + k->pooled + cap <= limit) {
             k->reserved += cap;
             note_peak(k);
@@ -241,7 +265,7 @@ static int reserve(struct fs_core *c, size_t cap, uint64_t limit, void **buf, bo
 }
 
 static struct fs_slice *entry_new(struct fs_core *c, uint32_t tensor, uint64_t slice, uint64_t key,
-                                  size_t cap, void *buf)
+                                  size_t cap, void *buf, bool pinned)
 {
     struct fs_slice *e = calloc(1, sizeof *e);
     if (!e) return NULL;
@@ -250,6 +274,8 @@ static struct fs_slice *entry_new(struct fs_core *c, uint32_t tensor, uint64_t s
     e->job.slice = slice;
     dq_out_slice_range(o, slice, &e->job.off, &e->job.len);
     e->job.dst = buf;
+    e->job.dst_cap = cap;
+    e->job.dst_pinned = buf && pinned;
     e->key = key;
     e->tensor = tensor;
     e->cap = cap;
@@ -259,12 +285,16 @@ static struct fs_slice *entry_new(struct fs_core *c, uint32_t tensor, uint64_t s
     return e;
 }
 
+/* One more job is queued (or jobs are left after a pull): one engine
+ * thread, and one CPU thread if the queue is deep enough for them. Each
+ * addition signals again, so no job waits for a wakeup that went to a
+ * thread that took something else. */
 static void wake_workers(struct fs_cache *k)
 {
-    /* With a min_queued policy some waiters refuse shallow queues, so a
-     * single signal could land on one that goes back to sleep. */
-    if (k->cpu_min_queued) pthread_cond_broadcast(&k->work_cv);
-    else pthread_cond_signal(&k->work_cv);
+    size_t queued = k->qdemand.n + k->qprefetch.n;
+    if (k->eng_waiters) pthread_cond_signal(&k->eng_cv);
+    if (k->cpu_waiters && queued >= (k->cpu_min_queued ? k->cpu_min_queued : 1))
+        pthread_cond_signal(&k->cpu_cv);
 }
 
 /* ----------------------------------------------------------------- API */
@@ -274,7 +304,8 @@ int fs_cache_init(struct fs_core *c)
     struct fs_cache *k = &c->cache;
     memset(k, 0, sizeof *k);
     pthread_mutex_init(&k->lock, NULL);
-    pthread_cond_init(&k->work_cv, NULL);
+    pthread_cond_init(&k->eng_cv, NULL);
+    pthread_cond_init(&k->cpu_cv, NULL);
     pthread_cond_init(&k->mem_cv, NULL);
     k->limit = c->opts.cache_bytes;
     /* Read-ahead leaves room for a demand slice per compute thread. */
@@ -304,7 +335,8 @@ void fs_cache_stop(struct fs_core *c)
             e->dead = true;
         }
     }
-    pthread_cond_broadcast(&k->work_cv);
+    pthread_cond_broadcast(&k->eng_cv);
+    pthread_cond_broadcast(&k->cpu_cv);
     pthread_cond_broadcast(&k->mem_cv);
     pthread_mutex_unlock(&k->lock);
 }
@@ -318,7 +350,7 @@ void fs_cache_fini(struct fs_core *c)
             struct fs_slice *e = k->bucket[i];
             while (e) {
                 struct fs_slice *n = e->hnext;
-                free(e->buf);
+                if (e->buf) buf_free(c, e->buf, e->cap, e->job.dst_pinned);
                 pthread_cond_destroy(&e->cv);
                 free(e);
                 e = n;
@@ -330,10 +362,11 @@ void fs_cache_fini(struct fs_core *c)
     while (k->pool) {
         struct fs_pool_buf *p = k->pool;
         k->pool = p->next;
-        free(p);
+        buf_free(c, p, p->cap, p->pinned);
     }
     pthread_mutex_destroy(&k->lock);
-    pthread_cond_destroy(&k->work_cv);
+    pthread_cond_destroy(&k->eng_cv);
+    pthread_cond_destroy(&k->cpu_cv);
     pthread_cond_destroy(&k->mem_cv);
 }
 
@@ -406,12 +439,13 @@ int fs_slice_get(struct fs_core *c, uint32_t tensor, uint64_t slice, int flags,
         dq_out_slice_range(t->o, slice, &off, &len);
         size_t cap = slice_cap(c, len);
         void *buf;
-        int r = reserve(c, cap, k->limit, &buf, !(flags & FS_GET_NOWAIT_MEM));
+        bool pinned;
+        int r = reserve(c, cap, k->limit, &buf, &pinned, !(flags & FS_GET_NOWAIT_MEM));
         if (r < 0) { pthread_mutex_unlock(&k->lock); return r; }
         if (r == 1) continue;
-        e = entry_new(c, tensor, slice, key, cap, buf);
+        e = entry_new(c, tensor, slice, key, cap, buf, pinned);
         if (!e) {
-            if (buf) pool_put(k, buf, cap);
+            if (buf) pool_put(k, buf, cap, pinned);
             k->reserved -= cap;
             pthread_mutex_unlock(&k->lock);
             return -ENOMEM;
@@ -452,10 +486,11 @@ int fs_slice_prefetch(struct fs_core *c, uint32_t tensor, uint64_t slice)
     size_t cap = slice_cap(c, len);
     uint64_t limit = k->limit > k->demand_margin ? k->limit - k->demand_margin : 0;
     void *buf;
-    if (reserve(c, cap, limit, &buf, false)) { err = -EAGAIN; goto out; }
-    struct fs_slice *e = entry_new(c, tensor, slice, key, cap, buf);
+    bool pinned;
+    if (reserve(c, cap, limit, &buf, &pinned, false)) { err = -EAGAIN; goto out; }
+    struct fs_slice *e = entry_new(c, tensor, slice, key, cap, buf, pinned);
     if (!e) {
-        if (buf) pool_put(k, buf, cap);
+        if (buf) pool_put(k, buf, cap, pinned);
         k->reserved -= cap;
         err = -ENOMEM;
         goto out;
@@ -515,7 +550,7 @@ void fs_sched_set_cpu_min_queued(struct fs_core *c, unsigned n)
 {
     pthread_mutex_lock(&c->cache.lock);
     c->cache.cpu_min_queued = n;
-    pthread_cond_broadcast(&c->cache.work_cv);
+    pthread_cond_broadcast(&c->cache.cpu_cv);
     pthread_mutex_unlock(&c->cache.lock);
 }
 
@@ -536,7 +571,17 @@ int fs_sched_pull(struct fs_core *c, unsigned max, unsigned min_queued, struct f
     for (;;) {
         unsigned need = cpu ? k->cpu_min_queued : min_queued;
         if (k->stopping || k->qdemand.n + k->qprefetch.n >= (need ? need : 1)) break;
-        pthread_cond_wait(&k->work_cv, &k->lock);
+        if (cpu) {
+            k->cpu_waiters++;
+            pthread_cond_wait(&k->cpu_cv, &k->lock);
+            k->cpu_waiters--;
+            atomic_fetch_add_explicit(&c->stats.wakeups_cpu, 1, memory_order_relaxed);
+        } else {
+            k->eng_waiters++;
+            pthread_cond_wait(&k->eng_cv, &k->lock);
+            k->eng_waiters--;
+            atomic_fetch_add_explicit(&c->stats.wakeups_engine, 1, memory_order_relaxed);
+        }
     }
     unsigned n = 0;
     struct fs_slice *e;
@@ -545,6 +590,7 @@ int fs_sched_pull(struct fs_core *c, unsigned max, unsigned min_queued, struct f
         e->state = FS_SL_RUNNING;
         jobs[n++] = &e->job;
     }
+    if (!k->stopping && k->qdemand.n + k->qprefetch.n) wake_workers(k);   /* the rest */
     pthread_mutex_unlock(&k->lock);
 
     /* Buffers are allocated outside the lock; pooled ones came with the entry. */

@@ -93,7 +93,7 @@ int fs_opts_set(struct fs_opts *o, const char *key, const char *val)
 
 /* ------------------------------------------------------------- threads */
 
-int fs_thread_create(pthread_t *th, void *(*fn)(void *), void *arg)
+int fs_thread_create(pthread_t *th, void *(*fn)(void *), void *arg, const char *name)
 {
     sigset_t block, old;
     sigemptyset(&block);
@@ -103,6 +103,7 @@ int fs_thread_create(pthread_t *th, void *(*fn)(void *), void *arg)
     pthread_sigmask(SIG_BLOCK, &block, &old);
     int r = pthread_create(th, NULL, fn, arg);
     pthread_sigmask(SIG_SETMASK, &old, NULL);
+    if (!r) pthread_setname_np(*th, name);     /* a name is only a label: failure is harmless */
     return -r;
 }
 
@@ -120,8 +121,11 @@ void fs_core_set_inval(struct fs_core *c, fs_inval_fn fn, void *ctx)
 
 int fs_core_add_backend(struct fs_core *c, const struct fs_backend *b)
 {
-    if (c->started || c->nbackend >= FS_MAX_BACKENDS) return -EBUSY;
-    c->backend[c->nbackend++] = *b;
+    if (c->started || c->nbackend >= FS_MAX_BACKENDS || (b->buf_unpin && c->pinner))
+        return -EBUSY;
+    c->backend[c->nbackend] = *b;
+    if (b->buf_unpin) c->pinner = &c->backend[c->nbackend];
+    c->nbackend++;
     return 0;
 }
 
@@ -242,11 +246,12 @@ void fs_core_close(struct fs_core *c)
     if (!c) return;
     fs_core_stop(c);
     if (c->ifd >= 0 || c->efd >= 0) fs_watch_stop(c);
-    for (unsigned i = 0; i < c->nbackend; i++)
-        if (c->backend[i].destroy) c->backend[i].destroy(c->backend[i].ctx);
     fs_files_close_all(c);
     pthread_mutex_destroy(&c->files_lock);
+    /* before the engines go: freeing a pinned buffer asks its engine to unpin it */
     if (c->cache.bucket) fs_cache_fini(c);
+    for (unsigned i = 0; i < c->nbackend; i++)
+        if (c->backend[i].destroy) c->backend[i].destroy(c->backend[i].ctx);
     fs_tree_free(c);
     if (c->plan) dq_plan_free(c->plan);
     if (c->ck) dq_ckpt_close(c->ck);

@@ -47,7 +47,7 @@ static int cpu_start(struct fs_core *c, void *ctx)
     e->th = calloc(c->nthreads, sizeof *e->th);
     if (!e->th) return -ENOMEM;
     for (unsigned i = 0; i < c->nthreads; i++) {
-        int err = fs_thread_create(&e->th[i], cpu_main, c);
+        int err = fs_thread_create(&e->th[i], cpu_main, c, "bnbfs-cpu");
         if (err) {
             if (!e->n) return err;
             dq_log(DQ_LOG_WARN, FS_TAG, "started %u of %u compute threads", e->n, c->nthreads);

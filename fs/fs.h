@@ -29,6 +29,7 @@
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <stdio.h>
 #include <sys/stat.h>
 #include <sys/statvfs.h>
 #include <sys/uio.h>
@@ -188,6 +189,12 @@ struct fs_job {
     uint64_t slice;             /* slice index within out */
     uint64_t off, len;          /* the slice's byte range in the tensor's data */
     void *dst;                  /* host buffer of len bytes, cache-owned, 64-byte aligned */
+    size_t dst_cap;             /* the whole buffer at dst (>= len); large ones are
+                                 * page-aligned, a multiple of 4096 bytes */
+    bool dst_pinned;            /* the buffer is page-locked by the engine with a buf_unpin
+                                 * hook: that engine may set it (and then must have pinned
+                                 * [dst, dst + dst_cap)); it stays with the buffer when the
+                                 * cache reuses it, and buf_unpin runs before it is freed */
 };
 
 /* min_queued for fs_sched_pull: the CPU policy (fs_sched_set_cpu_min_queued). */
@@ -212,11 +219,20 @@ struct fs_backend {
     int (*start)(struct fs_core *c, void *ctx);
     /* Joins them; called after the queue was closed (pulls return 0). */
     void (*stop)(struct fs_core *c, void *ctx);
-    /* Frees ctx (may be NULL); called by fs_core_close, started or not. */
+    /* Frees ctx (may be NULL); called by fs_core_close, started or not,
+     * after the cache is gone. */
     void (*destroy)(void *ctx);
+    /* Optional (one engine at most): undoes the engine's pinning of a cache
+     * buffer (fs_job.dst_pinned) before the cache frees it; called with the
+     * cache lock held, from any thread, also after stop. */
+    void (*buf_unpin)(void *ctx, void *buf, size_t cap);
+    /* Optional: the engine's counters as the body of a JSON object (no
+     * braces), shown under "engine_<name>" in .bnbfs/stats. */
+    void (*stats_json)(void *ctx, FILE *f);
     void *ctx;
 };
-/* At most FS_MAX_BACKENDS, registered before fs_core_start(). */
+/* At most FS_MAX_BACKENDS, registered before fs_core_start(); -EBUSY after
+ * it, or for a second engine with buf_unpin. */
 #define FS_MAX_BACKENDS 4
 int fs_core_add_backend(struct fs_core *c, const struct fs_backend *b);
 

@@ -101,12 +101,19 @@ struct fs_slice {
 
 struct fs_list { struct fs_slice *head, *tail; size_t n; };
 
-struct fs_pool_buf { struct fs_pool_buf *next; size_t cap; };
+/* An idle buffer, its header written into its first bytes. */
+struct fs_pool_buf { struct fs_pool_buf *next; size_t cap; bool pinned; };
 
 /* All fields under lock. */
 struct fs_cache {
     pthread_mutex_t lock;
-    pthread_cond_t work_cv;     /* jobs queued or stopping */
+    /* Jobs queued or stopping. Engines that pull with their own min_queued
+     * (the GPU's threads) wait on eng_cv, CPU threads (FS_PULL_CPU_POLICY)
+     * on cpu_cv; a new job wakes one of each, a CPU thread only when the
+     * queue is at least cpu_min_queued deep, so idle CPU threads are not
+     * woken for every job an engine will take anyway. */
+    pthread_cond_t eng_cv, cpu_cv;
+    unsigned eng_waiters, cpu_waiters;
     pthread_cond_t mem_cv;      /* memory released */
     uint64_t limit;             /* bytes (the -o cache bound) */
     uint64_t reserved;          /* bytes reserved by entries (computed or in flight) */
@@ -133,6 +140,7 @@ struct fs_stats {
     _Atomic uint64_t bytes_computed[FS_ENGINE_COUNT], slices_computed[FS_ENGINE_COUNT];
     _Atomic uint64_t hits, joins, misses, prefetch_issued, evictions, mem_waits;
     _Atomic uint64_t err_eio, err_other, stale_events, saturated, bounce_reads;
+    _Atomic uint64_t wakeups_engine, wakeups_cpu;  /* returns from waiting for jobs */
     _Atomic uint64_t lat[FS_LAT_BUCKETS];
     _Atomic uint64_t req_size[FS_REQ_BUCKETS];
     _Atomic uint64_t lat_max_ns, req_max;
@@ -171,6 +179,7 @@ struct fs_core {
 
     struct fs_backend backend[FS_MAX_BACKENDS];
     unsigned nbackend;
+    const struct fs_backend *pinner;   /* the backend with buf_unpin, or NULL */
     bool backend_started[FS_MAX_BACKENDS];
     bool started, stopped;
 
@@ -229,8 +238,10 @@ void fs_stats_fini(struct fs_stats *s);
 uint64_t fs_now_ns(void);
 
 /* core.c: threads started by the core block the signals libfuse handles
- * (SIGINT, SIGTERM, SIGHUP), so those always reach a FUSE thread. */
-int fs_thread_create(pthread_t *th, void *(*fn)(void *), void *arg);
+ * (SIGINT, SIGTERM, SIGHUP), so those always reach a FUSE thread. They are
+ * named (at most 15 characters), so per-thread CPU time in /proc tells the
+ * engines and the FUSE workers apart. */
+int fs_thread_create(pthread_t *th, void *(*fn)(void *), void *arg, const char *name);
 
 /* read.c */
 int fs_node_xxh3(struct fs_core *c, struct fs_node *n, uint8_t out[16]);

@@ -166,6 +166,8 @@ int fs_stats_json(struct fs_core *c, char **out, size_t *len)
         first = false;
     }
     fprintf(f, "},\n  \"max_request\": %" PRIu64 ",\n", ld(&s->req_max));
+    fprintf(f, "  \"wakeups\": {\"engine\": %" PRIu64 ", \"cpu\": %" PRIu64 "},\n",
+            ld(&s->wakeups_engine), ld(&s->wakeups_cpu));
     fprintf(f, "  \"errors\": {\"eio\": %" PRIu64 ", \"other\": %" PRIu64 ", \"logged\": %" PRIu64
             ", \"stale_sources\": %u, \"stale_events\": %" PRIu64 "},\n  \"saturated\": %" PRIu64,
             ld(&s->err_eio), ld(&s->err_other), dq_log_error_count(), stale,
@@ -183,6 +185,12 @@ int fs_stats_json(struct fs_core *c, char **out, size_t *len)
                 ci->splice_write ? "true" : "false", ci->clone_fd ? "true" : "false");
     }
     pthread_mutex_unlock(&s->conn_lock);
+    for (unsigned i = 0; i < c->nbackend; i++)
+        if (c->backend_started[i] && c->backend[i].stats_json) {
+            fprintf(f, ",\n  \"engine_%s\": {", c->backend[i].name);
+            c->backend[i].stats_json(c->backend[i].ctx, f);
+            fprintf(f, "}");
+        }
     fprintf(f, "\n}\n");
     if (fclose(f)) { free(buf); return -ENOMEM; }
     *out = buf;

@@ -164,7 +164,7 @@ int fs_watch_start(struct fs_core *c)
         c->srcs[i].wd = inotify_add_watch(c->ifd, c->srcs[i].path, FILE_MASK);
     }
     atomic_store(&c->watch_stop, false);
-    int err = fs_thread_create(&c->watch_thread, watch_main, c);
+    int err = fs_thread_create(&c->watch_thread, watch_main, c, "bnbfs-watch");
     if (err) {
         dq_log(DQ_LOG_WARN, FS_TAG, "source watcher: %s", strerror(-err));
         return err;

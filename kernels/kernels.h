@@ -138,12 +138,27 @@ bool kn_ctx_usable(const struct kn_ctx *ctx);
  * F16/BF16/F32, any op except FUSE_T of plain (non-4-bit) sources. */
 bool kn_out_supported(const struct dq_out *o);
 
-#define KN_NOWAIT 1u  /* kn_ctx_compute: -EBUSY instead of waiting for a lane */
+#define KN_NOWAIT 1u      /* kn_ctx_compute: -EBUSY instead of waiting for a lane */
+#define KN_DST_PINNED 2u  /* kn_ctx_compute: every dst[i] lies in memory registered with
+                           * kn_host_register; results are copied there straight from the
+                           * device (no pinned staging, no host copy) */
+
+/* Page-locks [p, p + len) for this context's device (cudaHostRegister,
+ * portable), so kn_ctx_compute can copy results into it directly
+ * (KN_DST_PINNED). p and len must be multiples of 4096; the range must not
+ * overlap one already registered. 0, or -EIO (logged once per context,
+ * later failures silent: the caller keeps using staged copies); never marks
+ * the context failed. kn_host_unregister undoes it; call it before the
+ * memory is freed, at the latest before kn_ctx_free. Thread-safe. */
+int kn_host_register(struct kn_ctx *ctx, void *p, size_t len);
+void kn_host_unregister(struct kn_ctx *ctx, void *p, size_t len);
 
 /* Computes slices [s0, s0 + ns) of o on the GPU; dst[i] receives slice
  * s0 + i (its dq_out_slice_range length). Several slices of one expert or
  * one tensor go up and come back as one batch (larger batches are split to
- * fit a lane). The contract of dq_out_compute holds: -ESTALE when a source
+ * fit a lane). Results come back through the lane's pinned staging buffer
+ * and are copied into dst on this thread, or, with KN_DST_PINNED, straight
+ * into dst by the device. The contract of dq_out_compute holds: -ESTALE when a source
  * file changed, -EIO (logged naming file and tensor) for a corrupt or
  * vanished source, saturations added to *sat (may be NULL). Besides:
  *   -EBUSY   flags has KN_NOWAIT and every lane is busy (nothing logged);
@@ -162,7 +177,18 @@ struct kn_ctx_stats {
     uint64_t slices;         /* slices computed */
     uint64_t bytes_out;      /* output bytes computed */
     uint64_t bytes_up;       /* source bytes uploaded */
+    uint64_t bytes_direct;   /* of bytes_out: copied straight into dst (KN_DST_PINNED) */
     uint64_t busy;           /* -EBUSY answers */
+    uint64_t registered;     /* bytes registered with kn_host_register now */
+    uint64_t batches;        /* upload + kernel + download rounds */
+    /* Time, ns, summed over lanes (lanes overlap, so sums may exceed the
+     * wall time). Host side, per batch: */
+    uint64_t ns_stage;       /* copying source bytes into pinned staging */
+    uint64_t ns_wait;        /* from the upload's issue to the download's end */
+    uint64_t ns_copyout;     /* copying staged results into dst (0 with KN_DST_PINNED) */
+    uint64_t ns_register;    /* in kn_host_register */
+    /* Device side, from events on the lane's stream: */
+    uint64_t ns_h2d, ns_kernel, ns_d2h;
 };
 void kn_ctx_stats_get(const struct kn_ctx *ctx, struct kn_ctx_stats *st);
 

@@ -2,8 +2,11 @@
  * the device, its lanes (a stream, a blocking-sync event, pinned host and
  * device staging buffers, device counters), and kn_ctx_compute, which turns
  * a run of slices into batches: source bytes copied from the mapped files
- * into a lane's pinned buffer (under dq_guard), one upload, one kernel, one
- * download, then copied out to the caller's buffers.
+ * into a lane's pinned buffer (under dq_guard), one upload, one kernel, and
+ * the download: into the lane's pinned buffer and from there copied to the
+ * caller's buffers, or, when the caller registered them (kn_host_register,
+ * KN_DST_PINNED), straight into them, which saves the host one copy of
+ * every output byte.
  *
  * Not here: the kernels (dequant.cu), and any choice between GPU and CPU
  * (fs/ makes it: -EBUSY, -ENOTSUP and -ENODEV tell it to use the CPU).
@@ -23,6 +26,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include <cuda_runtime_api.h>
 
@@ -36,6 +40,8 @@
 struct kn_lane {
     cudaStream_t st;           /* non-blocking stream; owned */
     cudaEvent_t done;          /* blocking-sync event: waiters sleep, not spin; owned */
+    cudaEvent_t t_up, t_in, t_kern; /* timing: before and after the upload, after the
+                                     * kernel; owned */
     uint8_t *h_in, *h_out;     /* pinned host staging [in_cap], [out_cap]; owned */
     uint8_t *d_in, *d_out;     /* device staging [in_cap], [out_cap]; owned */
     struct kn_counters *d_cnt; /* device counters; owned */
@@ -52,8 +58,18 @@ struct kn_ctx {
     pthread_mutex_t mu;        /* guards lanes[].busy */
     pthread_cond_t cv;         /* signalled when a lane is released */
     atomic_bool dead;          /* a CUDA call failed: -ENODEV from now on */
-    atomic_uint_fast64_t calls, slices, bytes_out, bytes_up, busy;
+    atomic_bool reg_logged;    /* a kn_host_register failure was logged */
+    atomic_uint_fast64_t calls, slices, bytes_out, bytes_up, bytes_direct, busy, registered;
+    atomic_uint_fast64_t batches, ns_stage, ns_wait, ns_copyout, ns_register;
+    atomic_uint_fast64_t ns_h2d, ns_kernel, ns_d2h;
 };
+
+static uint64_t now_ns(void)
+{
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (uint64_t)t.tv_sec * 1000000000u + (uint64_t)t.tv_nsec;
+}
 
 /* --------------------------------------------------------- lifecycle */
 
@@ -63,6 +79,12 @@ static void lane_free(struct kn_lane *l)
         cudaStreamSynchronize(l->st);
     if (l->done)
         cudaEventDestroy(l->done);
+    if (l->t_up)
+        cudaEventDestroy(l->t_up);
+    if (l->t_in)
+        cudaEventDestroy(l->t_in);
+    if (l->t_kern)
+        cudaEventDestroy(l->t_kern);
     if (l->st)
         cudaStreamDestroy(l->st);
     cudaFreeHost(l->h_in);
@@ -78,8 +100,10 @@ static int lane_init(struct kn_ctx *ctx, struct kn_lane *l)
 {
     int rc = 0;
     KN_CUDA_GOTO(cudaStreamCreateWithFlags(&l->st, cudaStreamNonBlocking), rc, fail);
-    KN_CUDA_GOTO(cudaEventCreateWithFlags(&l->done, cudaEventBlockingSync |
-                                          cudaEventDisableTiming), rc, fail);
+    KN_CUDA_GOTO(cudaEventCreateWithFlags(&l->done, cudaEventBlockingSync), rc, fail);
+    KN_CUDA_GOTO(cudaEventCreate(&l->t_up), rc, fail);
+    KN_CUDA_GOTO(cudaEventCreate(&l->t_in), rc, fail);
+    KN_CUDA_GOTO(cudaEventCreate(&l->t_kern), rc, fail);
     KN_CUDA_GOTO(cudaHostAlloc((void **)&l->h_in, ctx->in_cap, cudaHostAllocDefault), rc, fail);
     KN_CUDA_GOTO(cudaHostAlloc((void **)&l->h_out, ctx->out_cap, cudaHostAllocDefault), rc, fail);
     KN_CUDA_GOTO(cudaHostAlloc((void **)&l->h_cnt, sizeof *l->h_cnt, cudaHostAllocDefault), rc,
@@ -170,7 +194,47 @@ void kn_ctx_stats_get(const struct kn_ctx *ctx, struct kn_ctx_stats *st)
     st->slices = atomic_load(&ctx->slices);
     st->bytes_out = atomic_load(&ctx->bytes_out);
     st->bytes_up = atomic_load(&ctx->bytes_up);
+    st->bytes_direct = atomic_load(&ctx->bytes_direct);
     st->busy = atomic_load(&ctx->busy);
+    st->registered = atomic_load(&ctx->registered);
+    st->batches = atomic_load(&ctx->batches);
+    st->ns_stage = atomic_load(&ctx->ns_stage);
+    st->ns_wait = atomic_load(&ctx->ns_wait);
+    st->ns_copyout = atomic_load(&ctx->ns_copyout);
+    st->ns_register = atomic_load(&ctx->ns_register);
+    st->ns_h2d = atomic_load(&ctx->ns_h2d);
+    st->ns_kernel = atomic_load(&ctx->ns_kernel);
+    st->ns_d2h = atomic_load(&ctx->ns_d2h);
+}
+
+/* ------------------------------------------------- registered memory */
+
+int kn_host_register(struct kn_ctx *ctx, void *p, size_t len)
+{
+    if (((uintptr_t)p | len) & 4095u || !len)
+        return -EINVAL;
+    uint64_t t0 = now_ns();
+    cudaError_t err = cudaSetDevice(ctx->dev);
+    if (err == cudaSuccess)
+        err = cudaHostRegister(p, len, cudaHostRegisterPortable);
+    atomic_fetch_add(&ctx->ns_register, now_ns() - t0);
+    if (err != cudaSuccess) {
+        cudaGetLastError(); /* not sticky: keep it from a later launch check */
+        if (!atomic_exchange(&ctx->reg_logged, true))
+            dq_log(DQ_LOG_WARN, KN_TAG, "%s: cudaHostRegister(%zu bytes): %s; results go "
+                   "through pinned staging instead", ctx->name, len, cudaGetErrorString(err));
+        return -EIO;
+    }
+    atomic_fetch_add(&ctx->registered, len);
+    return 0;
+}
+
+void kn_host_unregister(struct kn_ctx *ctx, void *p, size_t len)
+{
+    cudaSetDevice(ctx->dev);
+    if (cudaHostUnregister(p) != cudaSuccess)
+        cudaGetLastError(); /* a failed GPU may refuse; the memory is freed anyway */
+    atomic_fetch_sub(&ctx->registered, len);
 }
 
 /* ------------------------------------------------------------- lanes */
@@ -352,13 +416,17 @@ static int stage_thunk(void *p)
     return 0;
 }
 
-/* Upload, kernel, download and wait; GPU failures only (-EIO, logged). */
-static int batch_gpu(struct kn_lane *l, const struct batch *b)
+/* Upload, kernel, download and wait; GPU failures only (-EIO, logged).
+ * The results go to the lane's h_out, or with dst (registered memory)
+ * straight to dst[i], slice by slice. */
+static int batch_gpu(struct kn_lane *l, const struct batch *b, void *const *dst)
 {
     const struct dq_out *o = b->o;
     const struct dq_src *s = b->s;
     cudaStream_t st = l->st;
+    KN_CUDA(cudaEventRecord(l->t_up, st));
     KN_CUDA(cudaMemcpyAsync(l->d_in, l->h_in, b->in_bytes, cudaMemcpyHostToDevice, st));
+    KN_CUDA(cudaEventRecord(l->t_in, st));
     int rc = kn_counters_reset(l->d_cnt, st);
     if (rc)
         return rc;
@@ -386,11 +454,41 @@ static int batch_gpu(struct kn_lane *l, const struct batch *b)
     }
     if (rc)
         return rc;
+    KN_CUDA(cudaEventRecord(l->t_kern, st));
     KN_CUDA(cudaMemcpyAsync(l->h_cnt, l->d_cnt, sizeof *l->h_cnt, cudaMemcpyDeviceToHost, st));
-    KN_CUDA(cudaMemcpyAsync(l->h_out, l->d_out, b->out_bytes, cudaMemcpyDeviceToHost, st));
+    if (dst) {
+        uint64_t base, len;
+        dq_out_slice_range(o, b->s0, &base, &len);
+        for (uint64_t i = 0; i < b->ns; i++) {
+            uint64_t off;
+            dq_out_slice_range(o, b->s0 + i, &off, &len);
+            KN_CUDA(cudaMemcpyAsync(dst[i], l->d_out + (off - base), len, cudaMemcpyDeviceToHost,
+                                    st));
+        }
+    } else {
+        KN_CUDA(cudaMemcpyAsync(l->h_out, l->d_out, b->out_bytes, cudaMemcpyDeviceToHost, st));
+    }
     KN_CUDA(cudaEventRecord(l->done, st));
     KN_CUDA(cudaEventSynchronize(l->done));
     return 0;
+}
+
+/* Adds the device-side times of the batch that just finished (stats only:
+ * a failure here loses a sample, nothing else). */
+static void batch_times(struct kn_ctx *ctx, struct kn_lane *l)
+{
+    float up = 0, kern = 0, down = 0;
+    if (cudaEventElapsedTime(&up, l->t_up, l->t_in) != cudaSuccess ||
+        cudaEventElapsedTime(&kern, l->t_in, l->t_kern) != cudaSuccess ||
+        cudaEventElapsedTime(&down, l->t_kern, l->done) != cudaSuccess) {
+        cudaGetLastError();
+        return;
+    }
+    /* each span includes waiting for the copy engine or the SMs that
+     * other lanes hold: a lane's view, not the engines' busy time */
+    atomic_fetch_add(&ctx->ns_h2d, (uint64_t)((double)up * 1e6));
+    atomic_fetch_add(&ctx->ns_kernel, (uint64_t)((double)kern * 1e6));
+    atomic_fetch_add(&ctx->ns_d2h, (uint64_t)((double)down * 1e6));
 }
 
 /* The kernels saw a non-finite scale: let the CPU reference say so in its
@@ -415,7 +513,7 @@ static int bad_scales(const struct batch *b)
 }
 
 static int run_batch(struct kn_ctx *ctx, struct kn_lane *l, struct batch *b, void *const dst[],
-                     struct dq_sat *sat)
+                     bool direct, struct dq_sat *sat)
 {
     int rc = dq_src_check(b->o, b->s);
     if (rc)
@@ -432,31 +530,42 @@ static int run_batch(struct kn_ctx *ctx, struct kn_lane *l, struct batch *b, voi
         }
     }
     struct stage_args sa = {b, l->h_in};
+    uint64_t t0 = now_ns();
     rc = dq_guard(stage_thunk, &sa);
+    uint64_t t1 = now_ns();
+    atomic_fetch_add(&ctx->ns_stage, t1 - t0);
     if (rc) {
         dq_log(DQ_LOG_ERROR, KN_TAG, "%s: tensor '%s': read failed (file truncated?) while "
                "computing %s", b->s->t->file->path, b->s->t->name, b->o->name);
         return rc;
     }
-    if (batch_gpu(l, b)) {
+    if (batch_gpu(l, b, direct ? dst : NULL)) {
         if (!atomic_exchange(&ctx->dead, true))
             dq_log(DQ_LOG_ERROR, KN_TAG, "%s failed; slices are computed on the CPU from now on",
                    ctx->name);
         return -ENODEV;
     }
+    uint64_t t2 = now_ns();
+    atomic_fetch_add(&ctx->ns_wait, t2 - t1);
+    atomic_fetch_add(&ctx->batches, 1);
+    batch_times(ctx, l);
     if (l->h_cnt->bad_scales) {
         rc = bad_scales(b);
         if (rc == -ENODEV)
             atomic_store(&ctx->dead, true);
         return rc;
     }
-    /* scatter the batch's output to the callers' slice buffers */
-    uint64_t base, len0;
-    dq_out_slice_range(b->o, b->s0, &base, &len0);
-    for (uint64_t i = 0; i < b->ns; i++) {
-        uint64_t off, len;
-        dq_out_slice_range(b->o, b->s0 + i, &off, &len);
-        memcpy(dst[i], l->h_out + (off - base), len);
+    if (direct) {
+        atomic_fetch_add(&ctx->bytes_direct, b->out_bytes);
+    } else { /* scatter the batch's output to the callers' slice buffers */
+        uint64_t base, len0;
+        dq_out_slice_range(b->o, b->s0, &base, &len0);
+        for (uint64_t i = 0; i < b->ns; i++) {
+            uint64_t off, len;
+            dq_out_slice_range(b->o, b->s0 + i, &off, &len);
+            memcpy(dst[i], l->h_out + (off - base), len);
+        }
+        atomic_fetch_add(&ctx->ns_copyout, now_ns() - t2);
     }
     if (sat && l->h_cnt->saturated)
         __atomic_fetch_add(&sat->count, (uint64_t)l->h_cnt->saturated, __ATOMIC_RELAXED);
@@ -510,7 +619,7 @@ int kn_ctx_compute(struct kn_ctx *ctx, const struct dq_out *o, uint64_t s0, uint
                 break;
             b = nb;
         }
-        rc = run_batch(ctx, l, &b, dst + i, sat);
+        rc = run_batch(ctx, l, &b, dst + i, flags & KN_DST_PINNED, sat);
         i += b.ns;
     }
     lane_put(ctx, l);

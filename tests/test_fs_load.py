@@ -172,3 +172,37 @@ def test_unmount_under_load_exits_0(bin_path, tiny, tmp_path, exp, how):
         assert not t.is_alive()
     assert " error:" not in log
     assert set(errors) <= {errno.ENOTCONN, errno.ENOENT, errno.EIO, errno.ECONNABORTED}
+
+
+def thread_names(pid):
+    names = []
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            names.append(open(f"/proc/{pid}/task/{tid}/comm").read().strip())
+        except FileNotFoundError:   # a thread that just exited
+            pass
+    return names
+
+
+def test_engine_threads_are_named_and_woken_only_for_work(bin_path, tiny, tmp_path, exp):
+    """Engine threads carry names (the benchmarks split the daemon's CPU
+    time by them), and a queued job wakes one thread, not every idle one:
+    CPU threads are woken at most twice per slice they compute (the job's own
+    signal, one passed on after a pull) plus once each when a GPU engine
+    raises their threshold. Broadcasting every job to idle CPU threads, as
+    with a GPU engine before, breaks the bound by a factor of the thread
+    count."""
+    with fh.mounted(bin_path("bnbfs"), tiny / "src", tmp_path / "mnt") as m:
+        for s in SHARDS:
+            with open(m.path(s), "rb", buffering=0) as f:
+                while f.read(1 << 20):
+                    pass
+        st = m.stats()
+        names = thread_names(m.proc.pid)
+    assert names.count("bnbfs-cpu") == st["threads"], names
+    assert names.count("bnbfs-watch") == 1, names
+    assert names.count("bnbfs-gpu") == (8 if "gpu" in st["engines"] else 0), names
+    computed = sum(st["slices_computed"].values())
+    assert computed >= st["plan"]["slices"]
+    assert st["wakeups"]["cpu"] <= st["threads"] + 2 * st["slices_computed"]["cpu"], st["wakeups"]
+    assert st["wakeups"]["engine"] <= 2 * computed + 8, st["wakeups"]

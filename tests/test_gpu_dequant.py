@@ -95,6 +95,12 @@ def test_every_virtual_file_is_the_same_with_gpu_auto_and_off(gpu, tiny, bin_pat
         assert "gpu" in st["engines"]
         assert "computing slices on" in m.log(), m.log()
     comp = st["bytes_computed"]
+    # the large slices' results were copied by the GPU straight into the
+    # cache's buffers, page-locked once (the bytes above prove they are right)
+    eng = st["engine_gpu"]
+    assert eng["usable"] and eng["buffers_pinned"] > 0, eng
+    assert 0 < eng["bytes_direct"] <= eng["bytes_out"], eng
+    assert eng["bytes_registered"] <= st["cache"]["limit"], eng
     # the GPU computed (nearly) everything but plain copies; CPU threads only
     # help when the queue is deep, which a sequential read of the tiny
     # fixture never makes
@@ -146,6 +152,9 @@ def test_16_concurrent_readers_with_gpu(gpu, tiny, bin_path, tmp_path, dtype, of
         st = m.stats()
         assert st["errors"]["eio"] == 0
         assert st["bytes_computed"]["gpu"] > 0
+        # pinned buffers are cache memory: the 64 MiB bound covers them
+        assert st["cache"]["bytes_held_peak"] <= 64 << 20
+        assert st["engine_gpu"]["bytes_registered"] <= 64 << 20, st["engine_gpu"]
 
 
 def test_corrupt_source_tensor_fails_only_its_reads_with_gpu(gpu, tiny, bin_path, tmp_path, dtype):

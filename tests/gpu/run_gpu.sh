@@ -1,11 +1,19 @@
 #!/usr/bin/env bash
 # The GPU-machine session of issue 4 in one command (the `run` tool):
-# builds build-gpu for sm_90, runs the kernel test program
-# (tests/gpu/test_kn_dequant.c) and the GPU mount suite
-# (tests/test_gpu_dequant.py), then the benchmark
-# (tests/bench/bench_gpu_dequant.py), with the full-size fixture when
-# FULL=DIR is set and time is left. Logs go to $OUT; a summary to stdout.
+# builds build-gpu for sm_90 (bnbfs and the kernels' programs), runs the
+# kernel test program (tests/gpu/test_kn_dequant.c) and the GPU mount suite
+# (tests/test_gpu_dequant.py with tests/test_fs_*.py, gpu=auto by default),
+# then the benchmark (tests/bench/bench_gpu_dequant.py), with the full-size
+# fixture when FULL=DIR is set and time is left. Logs go to $OUT; a summary
+# to stdout.
 #   sh .device/prep.sh && FULL=/tmp/full bash tests/gpu/run_gpu.sh
+# More knobs (environment):
+#   BASE=DIR      another source tree (the code before a change): built as
+#                 DIR/build-gpu and measured in the same benchmark run (--base)
+#   PARTS=...     benchmark parts, kernels,mount (default both)
+#   REPS=N        runs of each mount read (default 2)
+#   VARIANTS="label:VAR=VAL ..."  more gpu=auto runs with variables set
+#   KN_TEST=0     skip test_kn_dequant; BUDGET=s: the whole session's limit
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-/tmp/bnbfs-gpu-out}
@@ -16,19 +24,34 @@ el() { echo $(( $(date +%s) - t0 )); }
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,clocks.mem,power.draw,temperature.gpu \
   --format=csv | tee "$OUT/card.txt"
 
+# the full fixture is generated meanwhile (mostly numpy on other cores)
+if [ -n "${FULL:-}" ] && [ ! -e "$FULL/.complete" ]; then
+  python3 tests/fixtures/gen_fixture.py --size full "$FULL" > "$OUT/fixture.log" 2>&1 &
+  fixture=$!
+fi
+
 # -Dwerror=false: that machine's gcc warns where this one does not (CI is
 # this machine's kind, where -Werror holds)
-{ if [ -f build-gpu/build.ninja ]; then meson configure build-gpu -Dwerror=false;
-  else meson setup build-gpu -Dgpu_archs=90 -Dwerror=false; fi; } \
-  > "$OUT/build.log" 2>&1 && ninja -C build-gpu >> "$OUT/build.log" 2>&1 \
-  || { echo "BUILD FAILED"; tail -40 "$OUT/build.log"; exit 1; }
+build() {  # SRC_TREE TARGETS...
+  local d=$1/build-gpu; shift
+  { if [ -f "$d/build.ninja" ]; then meson configure "$d" -Dwerror=false;
+    else meson setup "$d" "$(dirname "$d")" -Dgpu_archs=90 -Dwerror=false; fi; } \
+    >> "$OUT/build.log" 2>&1 && ninja -C "$d" "$@" >> "$OUT/build.log" 2>&1
+}
+targets=(fs/bnbfs kernels/test_kn_dequant kernels/bench_kn_dequant)
+build . "${targets[@]}" || { echo "BUILD FAILED"; tail -40 "$OUT/build.log"; exit 1; }
+if [ -n "${BASE:-}" ]; then
+  build "$BASE" fs/bnbfs || { echo "BASE BUILD FAILED"; tail -40 "$OUT/build.log"; exit 1; }
+fi
 grep -E "warning:" "$OUT/build.log" | sort -u | head -5
 echo "build: $(el) s"
 
-timeout 240 build-gpu/kernels/test_kn_dequant > "$OUT/test_kn_dequant.log" 2>&1
-echo "test_kn_dequant rc=$? ($(el) s)"
-grep -E "^(ok|FAIL)|tests, |device:" "$OUT/test_kn_dequant.log" | head -14
-grep -E "^FAIL .*:" "$OUT/test_kn_dequant.log" | head -5
+if [ "${KN_TEST:-1}" != 0 ]; then
+  timeout 240 build-gpu/kernels/test_kn_dequant > "$OUT/test_kn_dequant.log" 2>&1
+  echo "test_kn_dequant rc=$? ($(el) s)"
+  grep -E "^(ok|FAIL)|tests, |device:" "$OUT/test_kn_dequant.log" | head -14
+  grep -E "^FAIL .*:" "$OUT/test_kn_dequant.log" | head -5
+fi
 
 # the GPU mount suite and the whole fs suite with the default gpu=auto
 BNBFS_BUILD=$PWD/build-gpu timeout 300 python3 -m pytest -q -rs -p no:cacheprovider \
@@ -37,11 +60,15 @@ echo "pytest test_gpu_dequant + test_fs_* rc=$? ($(el) s)"
 grep -E "^(FAILED|ERROR)" "$OUT/pytest_gpu.log" | head -10
 tail -3 "$OUT/pytest_gpu.log"
 
-args=(--build build-gpu --results "$OUT/RESULTS.md" --log "$OUT/bench.log")
+[ -n "${fixture:-}" ] && { wait "$fixture"; echo "fixture rc=$? ($(el) s)"; }
+args=(--build build-gpu --results "$OUT/RESULTS.md" --log "$OUT/bench.log" --json "$OUT/bench.json"
+      --parts "${PARTS:-kernels,mount}" --reps "${REPS:-2}")
+[ -n "${BASE:-}" ] && args+=(--base "$BASE/build-gpu")
+for v in ${VARIANTS:-}; do args+=(--variant "$v"); done
 if [ -n "${FULL:-}" ] && [ "$(el)" -lt "${FULL_IF_BEFORE:-270}" ]; then
   args+=(--full "$FULL")
 fi
 timeout $(( ${BUDGET:-570} - $(el) )) python3 tests/bench/bench_gpu_dequant.py "${args[@]}" \
   > "$OUT/bench.out" 2>&1
 echo "bench rc=$? ($(el) s)"
-grep -v '^\$ ' "$OUT/bench.out" | tail -40
+grep -v '^\$ ' "$OUT/bench.out" | grep -v '^bnbfs .* rep ' | tail -40
