@@ -1,10 +1,12 @@
 /* llm_batch.cu — the element-wise and small steps of the prefill path that
  * sit between cuBLAS GEMMs: embedding, RMSNorm, bias + RoPE + KV store,
  * residual adds, the router with top-k for n tokens, the stable grouping of
- * (token, expert) pairs, row gathers, SwiGLU and the weighted combine. Also
- * the dtype conversion used while uploading weights.
+ * (token, expert) pairs, row gathers, the experts' grouped GEMMs (own
+ * tensor-core kernel, SwiGLU in the gate/up epilogue), SwiGLU alone and the
+ * weighted combine. Also the dtype conversion used while uploading weights.
  *
- * Not here: GEMMs (cuBLAS, in runner/engine.c), attention (llm_attn.cu).
+ * Not here: the dense projections' GEMMs (cuBLAS, in runner/engine.c),
+ * attention (llm_attn.cu).
  *
  * Invariant: every reduction has a fixed order (no float atomics), so a
  * prompt gives bit-identical logits run after run.
@@ -317,6 +319,245 @@ extern "C" int kn_llm_swiglu(const kn_half *gu, const float *b, int m, int I, fl
     swiglu_kernel<<<blocks, 256, 0, s>>>(reinterpret_cast<const __half *>(gu), b, total, I,
                                          limit, alpha, reinterpret_cast<__half *>(act));
     return KN_LAUNCHED("swiglu");
+}
+
+/* ------------------------------------------- grouped expert GEMMs */
+
+/* The prefill experts' two GEMMs over every expert's grouped rows in one
+ * launch each, on the tensor cores (mma.sync m16n8k16, fp16 in, fp32
+ * accumulation), reading the row offsets on the device: no host round trip
+ * and one launch a layer instead of one a non-empty expert. A block computes
+ * a 128-row x 128-column tile of one expert, staging 32-deep k slices
+ * through shared memory with cp.async (4 stages). Eight warps, 2 x 4, each
+ * 64 x 32. A tile's rows never cross into the next expert (zero-filled), so
+ * a row's result does not depend on how the experts are grouped: one expert
+ * launched alone (the 24 GB mode) gives the same bits as the grouped launch.
+ * Block (n-tile, slot): slot s is the s-th 128-row tile in expert order; the
+ * grid has an upper bound of slots and the surplus blocks return at once. */
+#define XG_BM 128
+#define XG_BN 128
+#define XG_BK 32
+#define XG_STAGES 4
+#define XG_THREADS 256
+#define XG_LDA (XG_BK + 8)      /* halves a staged A row: 80 bytes, ldmatrix conflict-free */
+#define XG_LDB (XG_BN + 8)      /* halves a staged B row: 272 bytes */
+#define XG_STAGE_HALVES (XG_BM * XG_LDA + XG_BK * XG_LDB)
+#define XG_SMEM ((size_t)XG_STAGES * XG_STAGE_HALVES * sizeof(__half))
+
+__device__ __forceinline__ void cp_async16(void *smem, const void *gmem, bool valid)
+{
+    const unsigned d = (unsigned)__cvta_generic_to_shared(smem);
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(d), "l"(gmem),
+                 "r"(valid ? 16 : 0));
+}
+
+__device__ __forceinline__ void ldsm_x4(uint32_t r[4], const __half *p)
+{
+    const unsigned a = (unsigned)__cvta_generic_to_shared(p);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(a));
+}
+
+__device__ __forceinline__ void ldsm_x4_t(uint32_t r[4], const __half *p)
+{
+    const unsigned a = (unsigned)__cvta_generic_to_shared(p);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(a));
+}
+
+__device__ __forceinline__ void mma16816(float d[4], const uint32_t a[4], uint32_t b0,
+                                         uint32_t b1)
+{
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
+                 "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+struct xg_args {
+    const __half *A;            /* [rows, K] grouped rows */
+    const int *off;             /* device [nexp + 1] */
+    int nexp;
+    const __half *W;            /* expert x: W + x * wstride, [K, N] row-major (x @ W) */
+    size_t wstride;             /* halves */
+    const float *b;             /* SwiGLU: expert x's [N] at b + x * N */
+    int N, K;
+    float limit, alpha;
+    void *out;                  /* SwiGLU: fp16 [rows, N/2]; else fp32 [rows, N] */
+};
+
+/* SWIGLU true: out = SwiGLU(A W + b) (columns 2i, 2i+1 are gate i, up i: a
+ * thread's accumulator pair); false: out = A W in fp32. */
+template <bool SWIGLU>
+__global__ void __launch_bounds__(XG_THREADS, 2) moe_gemm_kernel(const xg_args a)
+{
+    extern __shared__ __align__(16) unsigned char xg_smem[];
+    __half *sm = reinterpret_cast<__half *>(xg_smem);
+    /* which expert and which of its row tiles this block computes */
+    int x = 0, slot = blockIdx.y, r0 = 0, r1 = 0;
+    for (; x < a.nexp; x++) {
+        r0 = a.off[x];
+        r1 = a.off[x + 1];
+        const int t = (r1 - r0 + XG_BM - 1) / XG_BM;
+        if (slot < t)
+            break;
+        slot -= t;
+    }
+    if (x == a.nexp)
+        return;                             /* surplus block: uniform, before any barrier */
+    const int row0 = r0 + slot * XG_BM, mrows = min(XG_BM, r1 - row0);
+    const int n0 = blockIdx.x * XG_BN, N = a.N, K = a.K;
+    const __half *A = a.A + (size_t)row0 * K;
+    const __half *W = a.W + (size_t)x * a.wstride;
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int wm = (warp >> 2) * 64, wn = (warp & 3) * 32;
+    /* m16 row tiles of this warp holding valid rows: the others skip the math */
+    const int mv = max(0, min(4, (mrows - wm + 15) / 16));
+
+    auto load = [&](int stage, int kt) {
+        __half *sa = sm + (size_t)stage * XG_STAGE_HALVES, *sb = sa + XG_BM * XG_LDA;
+        const int k0 = kt * XG_BK;
+#pragma unroll
+        for (int i = 0; i < 2; i++) {       /* A: 128 rows x 4 chunks of 8 */
+            const int c = tid + i * XG_THREADS, r = c >> 2, kc = (c & 3) * 8;
+            const bool ok = r < mrows && k0 + kc < K;
+            cp_async16(sa + r * XG_LDA + kc, ok ? A + (size_t)r * K + k0 + kc : A, ok);
+        }
+#pragma unroll
+        for (int i = 0; i < 2; i++) {       /* B: 32 k rows x 16 chunks of 8 */
+            const int c = tid + i * XG_THREADS, kr = c >> 4, nc = (c & 15) * 8;
+            const bool ok = k0 + kr < K && n0 + nc < N;
+            cp_async16(sb + kr * XG_LDB + nc, ok ? W + (size_t)(k0 + kr) * N + n0 + nc : W, ok);
+        }
+    };
+
+    float acc[4][4][4];
+#pragma unroll
+    for (int i = 0; i < 4; i++)
+#pragma unroll
+        for (int j = 0; j < 4; j++)
+#pragma unroll
+            for (int k = 0; k < 4; k++)
+                acc[i][j][k] = 0.f;
+
+    const int kts = (K + XG_BK - 1) / XG_BK;
+#pragma unroll
+    for (int s = 0; s < XG_STAGES - 1; s++) {
+        if (s < kts)
+            load(s, s);
+        asm volatile("cp.async.commit_group;\n" ::);
+    }
+    for (int kt = 0; kt < kts; kt++) {
+        asm volatile("cp.async.wait_group %0;\n" ::"n"(XG_STAGES - 2));
+        __syncthreads();                    /* stage kt landed; stage kt-1 is free */
+        if (kt + XG_STAGES - 1 < kts)
+            load((kt + XG_STAGES - 1) % XG_STAGES, kt + XG_STAGES - 1);
+        asm volatile("cp.async.commit_group;\n" ::);
+        const __half *sa = sm + (size_t)(kt % XG_STAGES) * XG_STAGE_HALVES;
+        const __half *sb = sa + XG_BM * XG_LDA;
+#pragma unroll
+        for (int kk = 0; kk < XG_BK; kk += 16) {
+            uint32_t bf[4][2];
+#pragma unroll
+            for (int j = 0; j < 2; j++) {   /* two n16 halves: b0 b1 of n8 tiles 2j, 2j+1 */
+                uint32_t r[4];
+                ldsm_x4_t(r, sb + (kk + (lane & 15)) * XG_LDB + wn + j * 16 + (lane >> 4) * 8);
+                bf[2 * j][0] = r[0];
+                bf[2 * j][1] = r[1];
+                bf[2 * j + 1][0] = r[2];
+                bf[2 * j + 1][1] = r[3];
+            }
+#pragma unroll
+            for (int i = 0; i < 4; i++) {
+                if (i < mv) {
+                    uint32_t af[4];
+                    ldsm_x4(af, sa + (wm + i * 16 + (lane & 15)) * XG_LDA + kk + (lane >> 4) * 8);
+#pragma unroll
+                    for (int j = 0; j < 4; j++)
+                        mma16816(acc[i][j], af, bf[j][0], bf[j][1]);
+                }
+            }
+        }
+    }
+    asm volatile("cp.async.wait_group 0;\n" ::);
+
+    /* epilogue: thread holds rows g and g+8 of each m16 tile, columns 2q, 2q+1 */
+    const int g = lane >> 2, q = lane & 3;
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+#pragma unroll
+        for (int h = 0; h < 2; h++) {
+            const int r = wm + i * 16 + g + h * 8;
+            if (r >= mrows)
+                continue;
+            const size_t row = (size_t)(row0 + r);
+#pragma unroll
+            for (int j = 0; j < 4; j++) {
+                const int n = n0 + wn + j * 8 + 2 * q;
+                if (n >= N)
+                    continue;
+                const float v0 = acc[i][j][2 * h], v1 = acc[i][j][2 * h + 1];
+                if (SWIGLU) {
+                    const float *b = a.b + (size_t)x * N;
+                    float gt = fminf(v0 + b[n], a.limit);
+                    float up = fminf(fmaxf(v1 + b[n + 1], -a.limit), a.limit);
+                    const float glu = gt / (1.f + expf(-a.alpha * gt));
+                    static_cast<__half *>(a.out)[row * (N / 2) + n / 2] =
+                        __float2half_rn((up + 1.f) * glu);
+                } else {
+                    *reinterpret_cast<float2 *>(static_cast<float *>(a.out) + row * N + n) =
+                        make_float2(v0, v1);
+                }
+            }
+        }
+    }
+}
+
+template <bool SWIGLU>
+static int moe_gemm_launch(const xg_args &a, int max_rows, cudaStream_t s, const char *name)
+{
+    /* More than 48 KiB of dynamic shared memory needs the opt-in, set once
+     * a process (an engine is driven from one thread; one device). */
+    static bool smem_set;
+    if (!smem_set) {
+        const cudaError_t e = cudaFuncSetAttribute(
+            moe_gemm_kernel<SWIGLU>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)XG_SMEM);
+        if (e != cudaSuccess) {
+            cudaGetLastError();
+            dq_log(DQ_LOG_ERROR, "kernels", "%s: %zu bytes of shared memory refused: %s", name,
+                   XG_SMEM, cudaGetErrorString(e));
+            return -EIO;
+        }
+        smem_set = true;
+    }
+    if (max_rows <= 0 || a.nexp <= 0)
+        return 0;
+    /* tiles: at most one partial tile an expert beyond max_rows / 128 */
+    const int slots = kn_div_up(max_rows, XG_BM) + (a.nexp > 1 ? a.nexp : 0);
+    const dim3 grid(kn_div_up(a.N, XG_BN), slots);
+    moe_gemm_kernel<SWIGLU><<<grid, XG_THREADS, XG_SMEM, s>>>(a);
+    return KN_LAUNCHED(name);
+}
+
+extern "C" int kn_llm_moe_gate_up_prefill(const kn_half *A, const int *off, int nexp,
+                                          int max_rows, const kn_half *W, size_t wstride,
+                                          const float *b, int H, int I, float limit, float alpha,
+                                          kn_half *act, cudaStream_t s)
+{
+    xg_args a = {reinterpret_cast<const __half *>(A), off, nexp,
+                 reinterpret_cast<const __half *>(W), wstride, b, 2 * I, H, limit, alpha, act};
+    return moe_gemm_launch<true>(a, max_rows, s, "moe_gate_up_prefill");
+}
+
+extern "C" int kn_llm_moe_down_prefill(const kn_half *act, const int *off, int nexp,
+                                       int max_rows, const kn_half *W, size_t wstride, int I,
+                                       int H, float *y, cudaStream_t s)
+{
+    xg_args a = {reinterpret_cast<const __half *>(act), off, nexp,
+                 reinterpret_cast<const __half *>(W), wstride, NULL, H, I, 0.f, 0.f, y};
+    return moe_gemm_launch<false>(a, max_rows, s, "moe_down_prefill");
 }
 
 /* --------------------------------------------------------- combine */
