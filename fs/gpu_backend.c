@@ -266,9 +266,6 @@ static int gpu_start(struct fs_core *c, void *ctx)
                "threads", g, e->device < 0 ? "the GPU" : "that GPU", strerror(-err), c->nthreads);
         return -ENODEV;
     }
-    /* EXPERIMENT (device call 1 only, deleted after): results through staging */
-    if (getenv("BNBFS_GPU_PIN") && !strcmp(getenv("BNBFS_GPU_PIN"), "0"))
-        atomic_store(&e->no_pin, true);
     e->pull = c->max_slice ? (unsigned)(GPU_LANE_OUT / c->max_slice) : GPU_PULL_MAX;
     if (e->pull < 1)
         e->pull = 1;

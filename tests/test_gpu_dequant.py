@@ -96,11 +96,14 @@ def test_every_virtual_file_is_the_same_with_gpu_auto_and_off(gpu, tiny, bin_pat
         assert "computing slices on" in m.log(), m.log()
     comp = st["bytes_computed"]
     # the large slices' results were copied by the GPU straight into the
-    # cache's buffers, page-locked once (the bytes above prove they are right)
+    # cache's buffers, page-locked once (the bytes above prove they are
+    # right); with bf16 output the fixture's only large tensors (embed,
+    # lm_head) are BF16 copies, which the CPU serves
     eng = st["engine_gpu"]
-    assert eng["usable"] and eng["buffers_pinned"] > 0, eng
-    assert 0 < eng["bytes_direct"] <= eng["bytes_out"], eng
+    assert eng["usable"] and eng["bytes_direct"] <= eng["bytes_out"], eng
     assert eng["bytes_registered"] <= st["cache"]["limit"], eng
+    if dtype != "bf16":
+        assert eng["buffers_pinned"] > 0 and eng["bytes_direct"] > 0, eng
     # the GPU computed (nearly) everything but plain copies; CPU threads only
     # help when the queue is deep, which a sequential read of the tiny
     # fixture never makes

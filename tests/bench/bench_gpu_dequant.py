@@ -2,7 +2,7 @@
 """GPU dequantization benchmark (issue 4). Not a test; never gates CI.
 
     tests/bench/bench_gpu_dequant.py --build BUILD [--base BUILD] [--full DIR]
-        [--readers 8] [--reps 2] [--parts kernels,mount] [--variant LABEL:VAR=VAL ...]
+        [--readers 8] [--reps 3] [--parts kernels,mount]
         [--results tests/bench/RESULTS.md] [--log FILE] [--json FILE]
 
 On the GPU machine, in one run:
@@ -14,20 +14,20 @@ On the GPU machine, in one run:
   2. mount (needs --full DIR; generated there by tests/fixtures/gen_fixture.py
      --size full when absent): a cold read of every virtual shard of a fresh
      bnbfs mount with --readers parallel readers (preader: 1 MiB preads, file
-     k read by reader k % readers), gpu=off and gpu=auto, each --reps times in
-     alternating order, next to the FUSE ceiling measured the same way: the
+     k read by reader k % readers; the source read once before, so it is in
+     the page cache), gpu=off and gpu=auto, each --reps times in alternating
+     order, next to the FUSE ceiling measured the same way, once per round: the
      RAM-backed server of ../shared/bench (computing nothing) serving as many
      files as there are shards, of the same total size, read by the same
      readers, with the mount's read-ahead raised to 4 MiB (1 MiB requests) and
      64 background requests (congestion threshold 48), as bnbfs asks for its
-     own mount. That ceiling is the 100% of the table; the server's own
-     settings (12 background requests) and the 8-file layout of earlier runs
-     are measured too. Per bnbfs run: GB/s, the daemon's CPU seconds split by
+     own mount. That ceiling (median of the rounds) is the 100% of the table;
+     the server's own setting (12 background requests) and 8 files of 2 GiB
+     are measured once too. Per bnbfs run: GB/s, the daemon's CPU seconds split by
      thread (FUSE workers, GPU engine, CPU engine, CUDA's own threads), the
      bytes each engine computed, read latency, and the GPU engine's lane
      times (.bnbfs/stats "engine_gpu"). --base BUILD measures a second build
-     (the code before a change) in the same run; --variant adds gpu=auto runs
-     of BUILD with environment variables set.
+     (the code before a change) in the same run.
 Prints a table and appends it, with the card's name and the date, to
 --results. Needs root (read-ahead and background limits of a FUSE mount are
 set through /sys). fuse_ceiling.c and preader.c are taken from .device/ (the
@@ -189,14 +189,13 @@ def ceiling(tool, pr, readers, nfiles, size_gb, background, tmp, tag):
             "congestion": mb[1]}
 
 
-def mount_read(bnbfs, pr, src, gpu, env_extra, readers, tmp, logf, tag):
+def mount_read(bnbfs, pr, src, gpu, readers, tmp, logf, tag):
     mnt = tmp / f"mnt-{tag}"
     mnt.mkdir(exist_ok=True)
     logp = tmp / f"bnbfs-{tag}.log"
     errf = open(logp, "w")
-    env = dict(os.environ, **env_extra)
     proc = subprocess.Popen([str(bnbfs), str(src), str(mnt), "-f", "-o", f"gpu={gpu}"],
-                            stdout=errf, stderr=subprocess.STDOUT, env=env)
+                            stdout=errf, stderr=subprocess.STDOUT)
     wait_mount(mnt, proc, "bnbfs")
     shards = sorted(str(mnt / n) for n in os.listdir(mnt)
                     if n.startswith("model-") and n.endswith(".safetensors"))
@@ -231,10 +230,8 @@ def main():
     ap.add_argument("--base", type=pathlib.Path, help="a build of the code before the change")
     ap.add_argument("--full", type=pathlib.Path, help="full-size fixture directory")
     ap.add_argument("--readers", type=int, default=8)
-    ap.add_argument("--reps", type=int, default=2)
+    ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--parts", default="kernels,mount")
-    ap.add_argument("--variant", action="append", default=[],
-                    help="LABEL:VAR=VAL[,VAR=VAL]: one more gpu=auto run of --build")
     ap.add_argument("--results", type=pathlib.Path, default=ROOT / "tests" / "bench" / "RESULTS.md")
     ap.add_argument("--log", type=pathlib.Path, help="full logs (bnbfs stderr, stats)")
     ap.add_argument("--json", type=pathlib.Path, help="every number, as JSON")
@@ -297,25 +294,26 @@ def main():
                  if n.startswith("model-") and n.endswith(".safetensors")]
         unmount(probe, p)
         nsh, total = len(sizes), sum(sizes) / 1e9
-        cfgs = [("off", build, "off", {}), ("auto", build, "auto", {})]
+        os.sync()   # no writeback of a just-written fixture during the runs
+        preader(pr, a.readers, sorted(src.glob("*.safetensors")))
+        cfgs = [("off", build, "off"), ("auto", build, "auto")]
         if a.base:
-            cfgs = [("base off", a.base.resolve(), "off", {}),
-                    ("base auto", a.base.resolve(), "auto", {})] + cfgs
-        for v in a.variant:
-            label, _, kv = v.partition(":")
-            env = dict(x.split("=", 1) for x in kv.split(",") if x)
-            cfgs.append((label, build, "auto", env))
+            cfgs = [("base off", a.base.resolve(), "off"),
+                    ("base auto", a.base.resolve(), "auto")] + cfgs
         cceil = [("like", nsh, total / nsh, 64), ("mb12", nsh, total / nsh, 0),
                  ("8x2GiB", a.readers, 2 * (1 << 30) / 1e9, 0)]
         for rep in range(a.reps):
             order = cfgs if rep % 2 == 0 else cfgs[::-1]
-            for tag, nf, sz, mb in (cceil if rep == 0 else cceil[:1]):
-                c = ceiling(fc, pr, a.readers, nf, sz, mb, tmp, tag)
-                ceil.setdefault(tag, []).append(c)
-                log(f"ceiling {tag} rep {rep}: {c}")
-            for label, b, gpu, env in order:
+            for item in order[:len(order) // 2] + [None] + order[len(order) // 2:]:
+                if item is None:    # the ceiling in the middle of each round
+                    for tag, nf, sz, mb in (cceil if rep == 0 else cceil[:1]):
+                        c = ceiling(fc, pr, a.readers, nf, sz, mb, tmp, tag)
+                        ceil.setdefault(tag, []).append(c)
+                        log(f"ceiling {tag} rep {rep}: {c}")
+                    continue
+                label, b, gpu = item
                 t = f"{label.replace(' ', '_')}-{rep}"
-                m = mount_read(b / "fs" / "bnbfs", pr, src, gpu, env, a.readers, tmp, logf, t)
+                m = mount_read(b / "fs" / "bnbfs", pr, src, gpu, a.readers, tmp, logf, t)
                 runs.setdefault(label, []).append(m)
                 log(f"bnbfs {label} rep {rep}: {json.dumps(m)}")
 
@@ -343,8 +341,8 @@ def main():
         for tag, what in (("like", f"FUSE ceiling: {nsh} files of {total / nsh:.2f} GB, read-ahead "
                            f"{c0['ra_kb']} KiB, max_background {c0['max_background']} (as bnbfs)"),
                           ("mb12", f"FUSE ceiling: same, the server's max_background (12)"),
-                          ("8x2GiB", f"FUSE ceiling: {a.readers} files of 2 GiB, server's settings "
-                           "(earlier runs' ceiling)")):
+                          ("8x2GiB", f"FUSE ceiling: {a.readers} files of 2 GiB, read-ahead "
+                           "4 MiB, max_background 12 (bench_mount.py's layout)")):
             xs = [c["gbs"] for c in ceil[tag]]
             lines.append(f"| {what} | {' / '.join(f'{x:.2f}' for x in xs)} | {med(xs):.2f} | "
                          f"{100 * med(xs) / like:.0f}% | | | | | |")

@@ -10,9 +10,10 @@
 # More knobs (environment):
 #   BASE=DIR      another source tree (the code before a change): built as
 #                 DIR/build-gpu and measured in the same benchmark run (--base)
-#   PARTS=...     benchmark parts, kernels,mount (default both)
-#   REPS=N        runs of each mount read (default 2)
-#   VARIANTS="label:VAR=VAL ..."  more gpu=auto runs with variables set
+#   PARTS=...     benchmark parts in this order (default mount,kernels), each
+#                 its own invocation and RESULTS section, so a part cut off by
+#                 BUDGET leaves the ones before it
+#   REPS=N        rounds of mount reads (default 3)
 #   KN_TEST=0     skip test_kn_dequant; BUDGET=s: the whole session's limit
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -46,11 +47,10 @@ fi
 grep -E "warning:" "$OUT/build.log" | sort -u | head -5
 echo "build: $(el) s"
 
+# the kernel tests (mostly GPU) run beside the mount suite (mostly CPU and FUSE)
 if [ "${KN_TEST:-1}" != 0 ]; then
-  timeout 240 build-gpu/kernels/test_kn_dequant > "$OUT/test_kn_dequant.log" 2>&1
-  echo "test_kn_dequant rc=$? ($(el) s)"
-  grep -E "^(ok|FAIL)|tests, |device:" "$OUT/test_kn_dequant.log" | head -14
-  grep -E "^FAIL .*:" "$OUT/test_kn_dequant.log" | head -5
+  timeout 240 build-gpu/kernels/test_kn_dequant > "$OUT/test_kn_dequant.log" 2>&1 &
+  kntest=$!
 fi
 
 # the GPU mount suite and the whole fs suite with the default gpu=auto
@@ -60,15 +60,25 @@ echo "pytest test_gpu_dequant + test_fs_* rc=$? ($(el) s)"
 grep -E "^(FAILED|ERROR)" "$OUT/pytest_gpu.log" | head -10
 tail -3 "$OUT/pytest_gpu.log"
 
-[ -n "${fixture:-}" ] && { wait "$fixture"; echo "fixture rc=$? ($(el) s)"; }
-args=(--build build-gpu --results "$OUT/RESULTS.md" --log "$OUT/bench.log" --json "$OUT/bench.json"
-      --parts "${PARTS:-kernels,mount}" --reps "${REPS:-2}")
-[ -n "${BASE:-}" ] && args+=(--base "$BASE/build-gpu")
-for v in ${VARIANTS:-}; do args+=(--variant "$v"); done
-if [ -n "${FULL:-}" ] && [ "$(el)" -lt "${FULL_IF_BEFORE:-270}" ]; then
-  args+=(--full "$FULL")
+if [ -n "${kntest:-}" ]; then
+  wait "$kntest"
+  echo "test_kn_dequant rc=$? ($(el) s)"
+  grep -E "^(ok|FAIL)|tests, |device:" "$OUT/test_kn_dequant.log" | head -14
+  grep -E "^FAIL .*:" "$OUT/test_kn_dequant.log" | head -5
 fi
-timeout $(( ${BUDGET:-570} - $(el) )) python3 tests/bench/bench_gpu_dequant.py "${args[@]}" \
-  > "$OUT/bench.out" 2>&1
-echo "bench rc=$? ($(el) s)"
-grep -v '^\$ ' "$OUT/bench.out" | grep -v '^bnbfs .* rep ' | tail -40
+
+[ -n "${fixture:-}" ] && { wait "$fixture"; echo "fixture rc=$? ($(el) s)"; }
+sync
+for part in $(echo "${PARTS:-mount,kernels}" | tr , ' '); do
+  args=(--build build-gpu --results "$OUT/RESULTS.md" --log "$OUT/bench-$part.log"
+        --json "$OUT/bench-$part.json" --parts "$part" --reps "${REPS:-3}")
+  [ -n "${BASE:-}" ] && args+=(--base "$BASE/build-gpu")
+  if [ -n "${FULL:-}" ] && [ "$(el)" -lt "${FULL_IF_BEFORE:-270}" ]; then
+    args+=(--full "$FULL")
+  fi
+  left=$(( ${BUDGET:-570} - $(el) ))
+  [ "$left" -gt 10 ] || { echo "bench $part: no time left"; continue; }
+  timeout "$left" python3 tests/bench/bench_gpu_dequant.py "${args[@]}" > "$OUT/bench-$part.out" 2>&1
+  echo "bench $part rc=$? ($(el) s)"
+  grep -v '^\$ ' "$OUT/bench-$part.out" | grep -v '^bnbfs .* rep \|^ceiling .* rep ' | tail -30
+done
