@@ -257,24 +257,6 @@ int kn_llm_gather_rows(const kn_half *src, const int *rows, int m, int H, kn_hal
 int kn_llm_swiglu(const kn_half *gu, const float *b, int m, int I, float limit, float alpha,
                   kn_half *act, cudaStream_t s);
 
-/* The experts' GEMMs over rows grouped by expert (kn_llm_moe_group), every
- * expert in one launch, tensor cores with fp32 accumulation. Expert x owns
- * rows off[x] .. off[x+1]-1 of A; off [nexp+1] is read on the device (no host
- * copy of the counts). max_rows >= off[nexp] - off[0] sizes the grid (n *
- * topk for a layer). A row's result is the same bits whether its expert is
- * launched with the others or alone (nexp 1, off pointing at its entry).
- * gate_up: act[r, i] = SwiGLU(A[r] @ W_x + b_x) as kn_llm_swiglu, computed
- *   from the fp32 sums: A [rows, H] fp16, W_x = W + x * wstride [H, 2I]
- *   (x @ W, gate/up interleaved), b_x = b + x * 2I fp32, act [rows, I] fp16.
- * down: y[r] = act[r] @ W_x, W_x [I, H], y [rows, H] fp32 (no bias).
- * Rows of act/y outside every expert's range are not written. */
-int kn_llm_moe_gate_up_prefill(const kn_half *A, const int *off, int nexp, int max_rows,
-                               const kn_half *W, size_t wstride, const float *b, int H, int I,
-                               float limit, float alpha, kn_half *act, cudaStream_t s);
-int kn_llm_moe_down_prefill(const kn_half *act, const int *off, int nexp, int max_rows,
-                            const kn_half *W, size_t wstride, int I, int H, float *y,
-                            cudaStream_t s);
-
 /* x[t] += sum_j w[t,j] * (y[row_of[t,j]] + b[ids[t,j]]) for t < n, j in order.
  * y [n*topk, H] fp32 grouped rows, b [E, H]. */
 int kn_llm_moe_combine(const float *y, const float *b, const int *ids, const float *w,

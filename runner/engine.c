@@ -288,25 +288,11 @@ static int expert_rows_on(struct rn_engine *e, int si, cudaStream_t s, const str
     return 0;
 }
 
-/* The 24 GB mode's callback: on the compute stream, after the slot's copy.
- * The grouped kernels launched for this one expert compute the same bits
- * as the resident mode's launch over all experts. */
+/* The 24 GB mode's callback: on the compute stream, after the slot's copy. */
 static int expert_rows(struct rn_engine *e, void *vctx, int x, const kn_half *gu,
                        const kn_half *dn)
 {
-    const struct pf_ctx *p = vctx;
-    if (e->pf_streams)
-        return expert_rows_on(e, -1, e->st, p, x, gu, dn);
-    const struct rn_config *c = &e->c;
-    const int m = p->off[x + 1] - p->off[x];
-    if (m == 0)
-        return 0;
-    TRY(kn_llm_moe_gate_up_prefill(e->Xg, e->offsets + x, 1, m, gu, 0,
-                                   e->L[p->l].gate_up_b + (size_t)x * 2 * c->intermediate,
-                                   c->hidden, c->intermediate, c->swiglu_limit, c->swiglu_alpha,
-                                   e->ACT, e->st));
-    return kn_llm_moe_down_prefill(e->ACT, e->offsets + x, 1, m, dn, 0, c->intermediate,
-                                   c->hidden, e->Y, e->st);
+    return expert_rows_on(e, -1, e->st, vctx, x, gu, dn);
 }
 
 /* Resident: the layer's experts spread over the side streams, largest
@@ -376,19 +362,7 @@ static int prefill_chunk(struct rn_engine *e, const int32_t *ids, int n, bool wa
         TRY(kn_llm_route(e->hn32, L->wr, L->br, n, H, E, K, e->rids, e->rw, st));
         TRY(kn_llm_moe_group(e->rids, n, K, E, e->offsets, e->rows_tok, e->row_of, st));
         TRY(kn_llm_gather_rows(e->hn16, e->rows_tok, n * K, H, e->Xg, st));
-        if (e->resident && !e->pf_streams) {
-            /* every expert in one launch a GEMM; counts stay on the GPU */
-            const size_t I = (size_t)c->intermediate;
-            TRY(kn_llm_moe_gate_up_prefill(e->Xg, e->offsets, E, n * K, L->gate_up,
-                                           (size_t)H * 2 * I, L->gate_up_b, H, (int)I,
-                                           c->swiglu_limit, c->swiglu_alpha, e->ACT, st));
-            TRY(kn_llm_moe_down_prefill(e->ACT, e->offsets, E, n * K, L->down, I * H, (int)I,
-                                        H, e->Y, st));
-            TRY(kn_llm_moe_combine(e->Y, L->down_b, e->rids, e->rw, e->row_of, n, K, H, e->X,
-                                   st));
-            continue;
-        }
-        /* Per-expert launches: the host needs the counts. */
+        /* GEMM sizes are per expert: the host needs the counts. */
         CU(cudaMemcpyAsync(e->h_offsets, e->offsets, (size_t)(E + 1) * sizeof(int),
                            cudaMemcpyDeviceToHost, st));
         CU(cudaStreamSynchronize(st));
@@ -517,8 +491,6 @@ static int engine_init(struct rn_engine *e)
      * (BNBFS_PDL=0 turns it off, to compare). */
     const char *pdl = getenv("BNBFS_PDL");
     kn_llm_set_pdl(prop.major >= 9 && !(pdl && strcmp(pdl, "0") == 0));
-    const char *moe = getenv("BNBFS_PREFILL_MOE");
-    e->pf_streams = moe && strcmp(moe, "streams") == 0;
 
     int ctx = e->opts.max_context > 0 ? e->opts.max_context : 8192;
     if (ctx > c->max_position) {

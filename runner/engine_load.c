@@ -147,7 +147,6 @@ static void layout(struct rn_engine *e, bool with_experts, bool embed_on_gpu, in
         ALLOC(e->GU[i], C * 2 * I);            /* one expert at a time: <= C rows */
         ALLOC(e->act16[i], C * I);
     }
-    ALLOC(e->ACT, C * K * I);
     ALLOC(e->Y, C * K * H);
 }
 

@@ -129,11 +129,6 @@ struct rn_engine {
     kn_half *act16[ENG_PF_STREAMS];     /* device; [chunk, I] */
     int *rids, *offsets, *rows_tok, *row_of;
     int *h_offsets;             /* pinned [E+1] */
-    kn_half *ACT;               /* device; [chunk * topk, I]: SwiGLU of every grouped row */
-    /* Prefill experts through per-expert cuBLAS GEMMs on the side streams
-     * (BNBFS_PREFILL_MOE=streams, the old path kept until measured) instead
-     * of the grouped kernels (kn_llm_moe_*_prefill), in both modes. */
-    bool pf_streams;
 
     cudaGraphExec_t graph;      /* resident decode step, captured on first use */
 

@@ -26,9 +26,6 @@ shapes, random weights; generated into DIR by tests/fixtures/gen_fixture.py
                instead of the GPU's pick (comparison)
   base         resident decode of the builds given by --base-build (e.g. the
                code before a change), same run and card
-  pfstreams    resident prefill with the experts as per-expert cuBLAS GEMMs on
-               4 side streams (BNBFS_PREFILL_MOE=streams, the old path) instead
-               of the grouped kernels (comparison)
 Prints a table and appends it with the card's name and the date to --results;
 raw numbers go to OUT/bench_runner.json. Every stage that fails is reported
 as such; the others still run.
@@ -120,10 +117,9 @@ def stage_cold(a, res):
     res["cold"] = out
 
 
-def driver_bench(a, *extra, env=None, prefill=True, build=None, decode=True):
-    cmd = [(build or a.build) / "runner" / "llm-driver", a.mnt, "--progress"]
-    if decode:
-        cmd += ["--bench-decode", "128:256"]
+def driver_bench(a, *extra, env=None, prefill=True, build=None):
+    cmd = [(build or a.build) / "runner" / "llm-driver", a.mnt, "--bench-decode", "128:256",
+           "--progress"]
     if prefill:
         cmd += ["--bench-prefill", 2048]
     log("$ " + " ".join(str(c) for c in cmd + list(extra)) + (f"  (env {env})" if env else ""))
@@ -147,12 +143,6 @@ def stage_budget(a, res):
 def stage_nopdl(a, res):
     """Resident decode without programmatic dependent launch (comparison)."""
     res["nopdl"] = driver_bench(a, "--repeat", 3, env={"BNBFS_PDL": "0"}, prefill=False)
-
-
-def stage_pfstreams(a, res):
-    """Resident prefill through the old expert path (comparison)."""
-    res["pfstreams"] = driver_bench(a, "--repeat", 3, env={"BNBFS_PREFILL_MOE": "streams"},
-                                    decode=False)
 
 
 def stage_hostpick(a, res):
@@ -277,11 +267,6 @@ def table(res, card):
             add(f"decode, resident, {what}",
                 f"{X['decode_tok_s']:.1f} tok/s = {X['decode_tok_s'] / roof:.0%} of the roofline"
                 + (f" (engine {eng * 1e3:.3f} ms a token)" if eng else ""))
-    P = res.get("pfstreams") or {}
-    if P:
-        add("prefill, resident, experts as per-expert cuBLAS GEMMs on 4 streams "
-            "(BNBFS_PREFILL_MOE=streams)", f"{P['prefill_tok_s']:.0f} tok/s"
-            + (f" ({P['prefill_tok_s'] / T['prefill_tok_s']:.1f}x transformers)" if T else ""))
     N = res.get("nopdl") or {}
     if N:
         add("decode, resident, without programmatic dependent launch (BNBFS_PDL=0)",
@@ -353,7 +338,7 @@ def main():
            "failed": {}}
     stages = {"cold": stage_cold, "resident": stage_resident, "budget": stage_budget,
               "transformers": stage_transformers, "nopdl": stage_nopdl, "stream": stage_stream,
-              "base": stage_base, "hostpick": stage_hostpick, "pfstreams": stage_pfstreams}
+              "base": stage_base, "hostpick": stage_hostpick}
     p = None
     for st in a.stages.split(","):
         try:

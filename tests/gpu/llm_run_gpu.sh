@@ -7,8 +7,6 @@
 # a summary to stdout.
 #   sh .device/prep.sh && OUT=$OUT FULL=/tmp/full STAGES=resident,budget \
 #       bash tests/gpu/llm_run_gpu.sh
-# STAGES=resident,pfstreams,transformers times prefill with the grouped expert
-# kernels, with the old per-expert cuBLAS path and transformers' on one card.
 # TESTS=0 skips the test suite; STAGES= (empty) skips the benchmark; KBENCH=1
 # times each decode kernel alone (llm-bench-kernels); BASE="DIR ..." names
 # other builds (e.g. the commit before a change, built elsewhere and carried)
