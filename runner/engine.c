@@ -306,7 +306,7 @@ static int experts_resident(struct rn_engine *e, const struct pf_ctx *p)
     CU(cudaEventRecord(e->ev_fork, e->st));
     for (int i = 0; i < e->npf; i++)
         CU(cudaStreamWaitEvent(e->pst[i], e->ev_fork, 0));
-    long load[ENG_PF_STREAMS] = {0};
+    long load[ENG_PF_STREAMS_MAX] = {0};
     bool done[256] = {false};
     for (int k = 0; k < E; k++) {
         int x = -1;
@@ -347,9 +347,12 @@ static int prefill_chunk(struct rn_engine *e, const int32_t *ids, int n, bool wa
         CU(cudaMemcpyAsync(e->X, e->h_x, (size_t)n * H * sizeof(float), cudaMemcpyHostToDevice,
                            st));
     }
+    e->pf_chunks++;
     for (int l = 0; l < c->nlayers; l++) {
         struct eng_layer *L = &e->L[l];
         const struct kn_attn_geom g = geom(e, l);
+        if (e->pf_profile)
+            CU(cudaEventRecord(e->pf_ev[0], st));
         TRY(kn_llm_rmsnorm(e->X, L->attn_norm, c->rms_eps, n, H, e->hn16, NULL, st));
         TRY(gemm_lin(e, e->hn16, L->wqkv, e->qkv32, n, NQKV, H));
         TRY(kn_llm_qkv_prefill(e->qkv32, L->bqkv, n, pos0, &g, e->rope, e->q16, L->kc, L->vc,
@@ -358,6 +361,8 @@ static int prefill_chunk(struct rn_engine *e, const int32_t *ids, int n, bool wa
         TRY(gemm_lin(e, e->attn16, L->wo, e->y32, n, H, Q));
         TRY(kn_llm_add_bias_resid(e->y32, L->bo, n, H, e->X, st));
 
+        if (e->pf_profile)
+            CU(cudaEventRecord(e->pf_ev[1], st));
         TRY(kn_llm_rmsnorm(e->X, L->mlp_norm, c->rms_eps, n, H, e->hn16, e->hn32, st));
         TRY(kn_llm_route(e->hn32, L->wr, L->br, n, H, E, K, e->rids, e->rw, st));
         TRY(kn_llm_moe_group(e->rids, n, K, E, e->offsets, e->rows_tok, e->row_of, st));
@@ -365,14 +370,29 @@ static int prefill_chunk(struct rn_engine *e, const int32_t *ids, int n, bool wa
         /* GEMM sizes are per expert: the host needs the counts. */
         CU(cudaMemcpyAsync(e->h_offsets, e->offsets, (size_t)(E + 1) * sizeof(int),
                            cudaMemcpyDeviceToHost, st));
+        if (e->pf_profile)
+            CU(cudaEventRecord(e->pf_ev[2], st));
         CU(cudaStreamSynchronize(st));
+        const double th = now_s();
         struct pf_ctx p = {.l = l, .off = e->h_offsets};
         if (e->resident) {
             TRY(experts_resident(e, &p));
         } else {
             TRY(eng_cache_prefill_layer(e, l, e->h_offsets, expert_rows, &p));
         }
+        e->pf_host_s += now_s() - th;
+        if (e->pf_profile)
+            CU(cudaEventRecord(e->pf_ev[3], st));
         TRY(kn_llm_moe_combine(e->Y, L->down_b, e->rids, e->rw, e->row_of, n, K, H, e->X, st));
+        if (e->pf_profile) {
+            CU(cudaEventRecord(e->pf_ev[4], st));
+            CU(cudaEventSynchronize(e->pf_ev[4]));
+            for (int k = 0; k < 4; k++) {
+                float ms = 0;
+                CU(cudaEventElapsedTime(&ms, e->pf_ev[k], e->pf_ev[k + 1]));
+                e->pf_t[k] += ms;
+            }
+        }
     }
     if (want_logits) {
         TRY(kn_llm_rmsnorm(e->X + (size_t)(n - 1) * H, e->final_norm, c->rms_eps, 1, H, NULL,
@@ -518,9 +538,17 @@ static int engine_init(struct rn_engine *e)
     if (bs != CUBLAS_STATUS_SUCCESS)
         return blas_fail(bs, "set stream");
 
+    e->npf_res = ENG_PF_STREAMS;
+    const char *pfs = getenv("BNBFS_PF_STREAMS");
+    if (pfs && atoi(pfs) >= 1 && atoi(pfs) <= ENG_PF_STREAMS_MAX)
+        e->npf_res = atoi(pfs);
+    const char *pfp = getenv("BNBFS_PF_PROFILE");
+    e->pf_profile = pfp && *pfp == '1';
+    for (int i = 0; e->pf_profile && i < 5; i++)
+        CU(cudaEventCreate(&e->pf_ev[i]));
     TRY(eng_plan_and_alloc(e));
     TRY(decode_args(e));
-    e->npf = e->resident ? ENG_PF_STREAMS : 1;
+    e->npf = e->resident ? e->npf_res : 1;
     CU(cudaEventCreateWithFlags(&e->ev_fork, cudaEventDisableTiming));
     for (int i = 0; i < e->npf; i++) {
         CU(cudaStreamCreateWithFlags(&e->pst[i], cudaStreamNonBlocking));
@@ -596,7 +624,16 @@ void rn_engine_free(struct rn_engine *e)
     eng_cache_free(e);
     if (e->blas)
         cublasDestroy(e->blas);
-    for (int i = 0; i < ENG_PF_STREAMS; i++) {
+    if (e->pf_profile && e->pf_chunks)
+        dq_log(DQ_LOG_INFO, ENG_TAG, "prefill profile, ms a chunk over %d chunks (%d side "
+               "streams): attention block %.2f, routing %.2f, experts %.2f (host issuing %.2f), "
+               "combine %.2f", e->pf_chunks, e->npf, e->pf_t[0] / e->pf_chunks,
+               e->pf_t[1] / e->pf_chunks, e->pf_t[2] / e->pf_chunks,
+               1e3 * e->pf_host_s / e->pf_chunks, e->pf_t[3] / e->pf_chunks);
+    for (int i = 0; i < 5; i++)
+        if (e->pf_ev[i])
+            cudaEventDestroy(e->pf_ev[i]);
+    for (int i = 0; i < ENG_PF_STREAMS_MAX; i++) {
         if (e->pblas[i])
             cublasDestroy(e->pblas[i]);
         if (e->pst[i])
