@@ -247,8 +247,10 @@ def main():
     except FileNotFoundError:
         card = ""
     card = card or "no GPU"
-    commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
-                            capture_output=True, text=True).stdout.strip() or "?"
+    # an exported tree (git archive) has no .git: git would name an enclosing repository's commit
+    commit = (subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
+                             capture_output=True, text=True).stdout.strip()
+              if (ROOT / ".git").exists() else "") or "unknown (exported tree)"
 
     src = None
     if a.full:
@@ -278,6 +280,7 @@ def main():
                 k, v = ln[7:].split(" ", 1)
                 res[k] = v
         table = out[out.index("\n\n") + 2:].rstrip() if "\n\n" in out else out
+        table = "\n".join(ln for ln in table.splitlines() if not ln.startswith("RESULT "))
         log(table)
 
     # 2. cold full-mount reads
