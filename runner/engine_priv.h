@@ -130,6 +130,8 @@ struct rn_engine {
     kn_half *GU[ENG_PF_STREAMS_MAX];    /* device; [chunk, 2I]: one expert's rows */
     kn_half *act16[ENG_PF_STREAMS_MAX]; /* device; [chunk, I] */
     bool pf_profile;            /* BNBFS_PF_PROFILE=1: per-phase prefill times (measurement) */
+    struct eng_pf_pool *pfpool; /* BNBFS_PF_THREADS=1 (measurement): one host thread issues
+                                 * each side stream's expert GEMMs; owned, or NULL */
     cudaEvent_t pf_ev[5];
     double pf_t[4], pf_host_s;  /* summed ms per phase; host seconds issuing experts */
     int pf_chunks;
