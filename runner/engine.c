@@ -22,7 +22,6 @@
  */
 #include <errno.h>
 #include <math.h>
-#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -296,101 +295,6 @@ static int expert_rows(struct rn_engine *e, void *vctx, int x, const kn_half *gu
     return expert_rows_on(e, -1, e->st, vctx, x, gu, dn);
 }
 
-/* Issuing threads (measurement switch BNBFS_PF_THREADS=1): ~100 cuBLAS
- * calls a layer issued from one thread may keep the GPU waiting; each side
- * stream's share is issued by its own thread instead (same calls, same
- * handles and streams: the same bits). */
-struct eng_pf_worker {
-    struct eng_pf_pool *pool;
-    int si, nx, rc;
-    int xs[256];
-    pthread_t th;
-};
-
-struct eng_pf_pool {
-    struct rn_engine *e;
-    pthread_mutex_t mu;
-    pthread_cond_t go, done;
-    unsigned gen;
-    int pending, n;
-    bool quit;
-    const struct pf_ctx *p;
-    struct eng_pf_worker w[ENG_PF_STREAMS_MAX];
-};
-
-static void *pf_worker(void *arg)
-{
-    struct eng_pf_worker *w = arg;
-    struct eng_pf_pool *P = w->pool;
-    struct rn_engine *e = P->e;
-    cudaSetDevice(e->dev);
-    unsigned seen = 0;
-    pthread_mutex_lock(&P->mu);
-    for (;;) {
-        while (!P->quit && P->gen == seen)
-            pthread_cond_wait(&P->go, &P->mu);
-        if (P->quit)
-            break;
-        seen = P->gen;
-        pthread_mutex_unlock(&P->mu);
-        const struct eng_layer *L = &e->L[P->p->l];
-        const size_t H = (size_t)e->c.hidden, I = (size_t)e->c.intermediate;
-        int rc = 0;
-        for (int k = 0; !rc && k < w->nx; k++) {
-            const int x = w->xs[k];
-            rc = expert_rows_on(e, w->si, e->pst[w->si], P->p, x,
-                                L->gate_up + (size_t)x * H * 2 * I, L->down + (size_t)x * I * H);
-        }
-        cudaError_t ce = cudaEventRecord(e->ev_join[w->si], e->pst[w->si]);
-        if (!rc && ce != cudaSuccess)
-            rc = eng_cuda_fail(ce, "cudaEventRecord", __FILE__, __LINE__);
-        pthread_mutex_lock(&P->mu);
-        w->rc = rc;
-        if (--P->pending == 0)
-            pthread_cond_signal(&P->done);
-    }
-    pthread_mutex_unlock(&P->mu);
-    return NULL;
-}
-
-static int pf_pool_start(struct rn_engine *e)
-{
-    struct eng_pf_pool *P = calloc(1, sizeof *P);
-    if (!P)
-        return -ENOMEM;
-    P->e = e;
-    pthread_mutex_init(&P->mu, NULL);
-    pthread_cond_init(&P->go, NULL);
-    pthread_cond_init(&P->done, NULL);
-    e->pfpool = P;
-    for (int i = 0; i < e->npf; i++) {
-        P->w[i].pool = P;
-        P->w[i].si = i;
-        if (pthread_create(&P->w[i].th, NULL, pf_worker, &P->w[i]))
-            return -EAGAIN;
-        P->n++;
-    }
-    return 0;
-}
-
-static void pf_pool_stop(struct rn_engine *e)
-{
-    struct eng_pf_pool *P = e->pfpool;
-    if (!P)
-        return;
-    pthread_mutex_lock(&P->mu);
-    P->quit = true;
-    pthread_cond_broadcast(&P->go);
-    pthread_mutex_unlock(&P->mu);
-    for (int i = 0; i < P->n; i++)
-        pthread_join(P->w[i].th, NULL);
-    pthread_cond_destroy(&P->go);
-    pthread_cond_destroy(&P->done);
-    pthread_mutex_destroy(&P->mu);
-    free(P);
-    e->pfpool = NULL;
-}
-
 /* Resident: the layer's experts spread over the side streams, largest
  * first onto the least loaded stream; the compute stream waits for all. */
 static int experts_resident(struct rn_engine *e, const struct pf_ctx *p)
@@ -402,11 +306,8 @@ static int experts_resident(struct rn_engine *e, const struct pf_ctx *p)
     CU(cudaEventRecord(e->ev_fork, e->st));
     for (int i = 0; i < e->npf; i++)
         CU(cudaStreamWaitEvent(e->pst[i], e->ev_fork, 0));
-    long load[ENG_PF_STREAMS_MAX] = {0};
+    long load[ENG_PF_STREAMS] = {0};
     bool done[256] = {false};
-    struct eng_pf_pool *P = e->pfpool;
-    for (int i = 0; P && i < P->n; i++)
-        P->w[i].nx = 0;
     for (int k = 0; k < E; k++) {
         int x = -1;
         for (int y = 0; y < E; y++)
@@ -420,27 +321,8 @@ static int experts_resident(struct rn_engine *e, const struct pf_ctx *p)
             if (load[i] < load[si])
                 si = i;
         load[si] += p->off[x + 1] - p->off[x];
-        if (P) {
-            P->w[si].xs[P->w[si].nx++] = x;
-            continue;
-        }
         TRY(expert_rows_on(e, si, e->pst[si], p, x, L->gate_up + (size_t)x * H * 2 * I,
                            L->down + (size_t)x * I * H));
-    }
-    if (P) {
-        pthread_mutex_lock(&P->mu);
-        P->p = p;
-        P->pending = P->n;
-        P->gen++;
-        pthread_cond_broadcast(&P->go);
-        while (P->pending)
-            pthread_cond_wait(&P->done, &P->mu);
-        pthread_mutex_unlock(&P->mu);
-        for (int i = 0; i < P->n; i++)
-            TRY(P->w[i].rc);
-        for (int i = 0; i < e->npf; i++)
-            CU(cudaStreamWaitEvent(e->st, e->ev_join[i], 0));
-        return 0;
     }
     for (int i = 0; i < e->npf; i++) {
         CU(cudaEventRecord(e->ev_join[i], e->pst[i]));
@@ -657,17 +539,13 @@ static int engine_init(struct rn_engine *e)
     if (bs != CUBLAS_STATUS_SUCCESS)
         return blas_fail(bs, "set stream");
 
-    e->npf_res = ENG_PF_STREAMS;
-    const char *pfs = getenv("BNBFS_PF_STREAMS");
-    if (pfs && atoi(pfs) >= 1 && atoi(pfs) <= ENG_PF_STREAMS_MAX)
-        e->npf_res = atoi(pfs);
     const char *pfp = getenv("BNBFS_PF_PROFILE");
     e->pf_profile = pfp && *pfp == '1';
     for (int i = 0; e->pf_profile && i < 5; i++)
         CU(cudaEventCreate(&e->pf_ev[i]));
     TRY(eng_plan_and_alloc(e));
     TRY(decode_args(e));
-    e->npf = e->resident ? e->npf_res : 1;
+    e->npf = e->resident ? ENG_PF_STREAMS : 1;
     CU(cudaEventCreateWithFlags(&e->ev_fork, cudaEventDisableTiming));
     for (int i = 0; i < e->npf; i++) {
         CU(cudaStreamCreateWithFlags(&e->pst[i], cudaStreamNonBlocking));
@@ -680,9 +558,6 @@ static int engine_init(struct rn_engine *e)
         if ((bs = cublasSetStream(e->pblas[i], e->pst[i])) != CUBLAS_STATUS_SUCCESS)
             return blas_fail(bs, "set stream");
     }
-    const char *pft = getenv("BNBFS_PF_THREADS");
-    if (e->resident && pft && *pft == '1')
-        TRY(pf_pool_start(e));
     TRY(rope_table(e));
     CU(cudaHostAlloc((void **)&e->h_step, sizeof *e->h_step, cudaHostAllocDefault));
     CU(cudaHostAlloc((void **)&e->h_pick, sizeof *e->h_pick, cudaHostAllocDefault));
@@ -746,18 +621,16 @@ void rn_engine_free(struct rn_engine *e)
     eng_cache_free(e);
     if (e->blas)
         cublasDestroy(e->blas);
-    pf_pool_stop(e);
     if (e->pf_profile && e->pf_chunks > 1)
-        dq_log(DQ_LOG_INFO, ENG_TAG, "prefill profile, ms a chunk over %d chunks after the first (%d side "
-               "streams): attention block %.2f, routing %.2f, experts %.2f (host issuing %.2f), "
-               "combine %.2f%s", e->pf_chunks - 1, e->npf, e->pf_t[0] / (e->pf_chunks - 1),
+        dq_log(DQ_LOG_INFO, ENG_TAG, "prefill profile, ms a chunk over %d chunks after the "
+               "first (%d side streams): attention block %.2f, routing %.2f, experts %.2f (host issuing %.2f), "
+               "combine %.2f", e->pf_chunks - 1, e->npf, e->pf_t[0] / (e->pf_chunks - 1),
                e->pf_t[1] / (e->pf_chunks - 1), e->pf_t[2] / (e->pf_chunks - 1),
-               1e3 * e->pf_host_s / (e->pf_chunks - 1), e->pf_t[3] / (e->pf_chunks - 1),
-               e->pfpool ? ", issuing threads" : "");
+               1e3 * e->pf_host_s / (e->pf_chunks - 1), e->pf_t[3] / (e->pf_chunks - 1));
     for (int i = 0; i < 5; i++)
         if (e->pf_ev[i])
             cudaEventDestroy(e->pf_ev[i]);
-    for (int i = 0; i < ENG_PF_STREAMS_MAX; i++) {
+    for (int i = 0; i < ENG_PF_STREAMS; i++) {
         if (e->pblas[i])
             cublasDestroy(e->pblas[i]);
         if (e->pst[i])

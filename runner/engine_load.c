@@ -143,7 +143,7 @@ static void layout(struct rn_engine *e, bool with_experts, bool embed_on_gpu, in
     ALLOC(e->rows_tok, C * K);
     ALLOC(e->row_of, C * K);
     ALLOC(e->Xg, C * K * H);
-    for (int i = 0; i < (with_experts ? e->npf_res : 1); i++) {
+    for (int i = 0; i < (with_experts ? ENG_PF_STREAMS : 1); i++) {
         ALLOC(e->GU[i], C * 2 * I);            /* one expert at a time: <= C rows */
         ALLOC(e->act16[i], C * I);
     }

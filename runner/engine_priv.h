@@ -20,8 +20,7 @@
 #include "runner.h"
 
 #define ENG_TAG "engine"
-#define ENG_PF_STREAMS 4       /* default side streams for resident prefill */
-#define ENG_PF_STREAMS_MAX 8   /* BNBFS_PF_STREAMS (measurement switch) caps here */
+#define ENG_PF_STREAMS 4
 
 /* A CUDA failure: logged with the call, file and line, then -EIO. */
 int eng_cuda_fail(cudaError_t e, const char *call, const char *file, int line);
@@ -123,15 +122,15 @@ struct rn_engine {
      * expert GEMM of ~C*topk/E rows cannot fill the GPU), each with its own
      * cuBLAS handle and scratch; the 24 GB mode uses index 0 on `st`. */
     int npf;                    /* side streams in use (1 in the 24 GB mode) */
-    int npf_res;                /* side streams when resident (layout() sizes for it) */
-    cudaStream_t pst[ENG_PF_STREAMS_MAX];
-    cublasHandle_t pblas[ENG_PF_STREAMS_MAX];
-    cudaEvent_t ev_fork, ev_join[ENG_PF_STREAMS_MAX];
-    kn_half *GU[ENG_PF_STREAMS_MAX];    /* device; [chunk, 2I]: one expert's rows */
-    kn_half *act16[ENG_PF_STREAMS_MAX]; /* device; [chunk, I] */
-    bool pf_profile;            /* BNBFS_PF_PROFILE=1: per-phase prefill times (measurement) */
-    struct eng_pf_pool *pfpool; /* BNBFS_PF_THREADS=1 (measurement): one host thread issues
-                                 * each side stream's expert GEMMs; owned, or NULL */
+    cudaStream_t pst[ENG_PF_STREAMS];
+    cublasHandle_t pblas[ENG_PF_STREAMS];
+    cudaEvent_t ev_fork, ev_join[ENG_PF_STREAMS];
+    kn_half *GU[ENG_PF_STREAMS];        /* device; [chunk, 2I]: one expert's rows */
+    kn_half *act16[ENG_PF_STREAMS];     /* device; [chunk, I] */
+    /* BNBFS_PF_PROFILE=1 (diagnostic): events around each prefill layer's
+     * phases, summed from the second chunk on (the first pays cuBLAS's
+     * per-shape setup) and logged when the engine is freed. */
+    bool pf_profile;
     cudaEvent_t pf_ev[5];
     double pf_t[4], pf_host_s;  /* summed ms per phase; host seconds issuing experts */
     int pf_chunks;
