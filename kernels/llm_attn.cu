@@ -14,6 +14,8 @@
  * product: the cache beyond the written positions is never trusted.
  */
 #include <mma.h>
+#include <stdlib.h>
+#include <string.h>
 
 #include "llm_common.cuh"
 
@@ -179,16 +181,228 @@ attn_prefill_kernel(const __half *__restrict__ q16, const __half *__restrict__ k
     }
 }
 
+/* ---------------------------------------- prefill, register-resident O */
+
+/* D += A B for one m16n8k16 tile: A 16x16 fp16 (row), B 16x8 fp16 (col),
+ * D fp32. Fragments as the PTX ISA lays them out for a lane with
+ * g = lane / 4, t = lane % 4: A {(g, 2t..2t+1), (g+8, 2t..), (g, 2t+8..),
+ * (g+8, 2t+8..)}, B {(k 2t..2t+1, n g), (k 2t+8.., n g)}, D {(g, 2t),
+ * (g, 2t+1), (g+8, 2t), (g+8, 2t+1)}. */
+__device__ __forceinline__ void mma16816(float d[4], const uint32_t a[4], const uint32_t b[2])
+{
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
+                 "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
+__device__ __forceinline__ uint32_t pack_half2(float lo, float hi)
+{
+    __half2 h = __halves2half2(__float2half_rn(lo), __float2half_rn(hi));
+    return *reinterpret_cast<uint32_t *>(&h);
+}
+
+template <int HD>
+struct fa_layout {
+    static constexpr int LDQ = HD + 8;      /* halves; Q and K rows (conflict-free 32-bit reads) */
+    static constexpr int LDV = PF_K + 8;    /* halves; V transposed: [HD][keys] */
+    static constexpr size_t q_off = 0;
+    static constexpr size_t k_off = q_off + (size_t)PF_Q * LDQ * 2;
+    static constexpr size_t v_off = k_off + (size_t)PF_K * LDQ * 2;
+    static constexpr size_t bytes = v_off + (size_t)HD * LDV * 2;
+};
+
+/* grid (ceil(n / 64), nheads), 4 warps of 16 query rows, as the kernel
+ * above, with the scores, probabilities and output in registers: S = Q K^T
+ * (fp32 accumulators) becomes P (fp16) in the A-fragment layout of the next
+ * MMA directly, each row's max and sum need two shuffles (a row lives in 4
+ * lanes), and O is rescaled in place. The same arithmetic as above: scale,
+ * mask, running max from the sink, exp, P rounded to fp16, fp32 sums; only
+ * the summation order differs. */
+template <int HD>
+__global__ void __launch_bounds__(PF_THREADS)
+attn_prefill_rf_kernel(const __half *__restrict__ q16, const __half *__restrict__ kc,
+                       const __half *__restrict__ vc, const float *__restrict__ sinks,
+                       kn_attn_geom g, int n, int pos0, __half *__restrict__ out16)
+{
+    using L = fa_layout<HD>;
+    extern __shared__ __align__(128) unsigned char smraw[];
+    __half *Qs = reinterpret_cast<__half *>(smraw + L::q_off);
+    __half *Ks = reinterpret_cast<__half *>(smraw + L::k_off);
+    __half *Vt = reinterpret_cast<__half *>(smraw + L::v_off);
+
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    const int gq = lane >> 2, t4 = lane & 3;
+    const int qfirst = blockIdx.x * PF_Q, h = blockIdx.y;
+    const int kvh = h / (g.nheads / g.nkv);
+    const int nq = min(PF_Q, n - qfirst);
+    constexpr int V8 = HD / 8;
+
+    for (int idx = tid; idx < PF_Q * V8; idx += PF_THREADS) {
+        const int r = idx / V8, c = idx % V8;
+        uint4 v = make_uint4(0, 0, 0, 0);
+        if (r < nq)
+            v = *reinterpret_cast<const uint4 *>(q16 + ((size_t)(qfirst + r) * g.nheads + h) * HD +
+                                                 c * 8);
+        *reinterpret_cast<uint4 *>(Qs + r * L::LDQ + c * 8) = v;
+    }
+    __syncthreads();
+    const int r0 = warp * 16, ra = r0 + gq, rb = ra + 8;
+    uint32_t qa[HD / 16][4];
+#pragma unroll
+    for (int k = 0; k < HD / 16; k++) {
+        const __half *p0 = Qs + ra * L::LDQ + k * 16 + t4 * 2;
+        const __half *p1 = Qs + rb * L::LDQ + k * 16 + t4 * 2;
+        qa[k][0] = *reinterpret_cast<const uint32_t *>(p0);
+        qa[k][1] = *reinterpret_cast<const uint32_t *>(p1);
+        qa[k][2] = *reinterpret_cast<const uint32_t *>(p0 + 8);
+        qa[k][3] = *reinterpret_cast<const uint32_t *>(p1 + 8);
+    }
+    float o[HD / 8][4];
+#pragma unroll
+    for (int j = 0; j < HD / 8; j++)
+        o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.f;
+    float ma = sinks[h], mb = ma, la = 1.f, lb = 1.f;   /* the sink: a key with a zero value */
+    const int qpa = pos0 + qfirst + ra, qpb = pos0 + qfirst + rb;
+    const bool va = ra < nq, vb = rb < nq;
+    const int qp_first = pos0 + qfirst, qp_last = pos0 + qfirst + nq - 1;
+    const int klo = g.window ? max(0, qp_first - g.window + 1) : 0;
+    const __half *kb = kc + (size_t)kvh * g.max_ctx * HD;
+    const __half *vbase = vc + (size_t)kvh * g.max_ctx * HD;
+
+    for (int kt = klo; kt <= qp_last; kt += PF_K) {
+        for (int idx = tid; idx < PF_K * V8; idx += PF_THREADS) {
+            const int r = idx / V8, c = idx % V8, kp = kt + r;
+            uint4 kv = make_uint4(0, 0, 0, 0);
+            if (kp <= qp_last)
+                kv = *reinterpret_cast<const uint4 *>(kb + (size_t)kp * HD + c * 8);
+            *reinterpret_cast<uint4 *>(Ks + r * L::LDQ + c * 8) = kv;
+        }
+        /* V goes in transposed; consecutive lanes take consecutive keys so
+         * the 2-byte stores of a warp fall in distinct banks */
+        for (int idx = tid; idx < PF_K * V8; idx += PF_THREADS) {
+            const int r = idx % PF_K, c = idx / PF_K, kp = kt + r;
+            uint4 vv = make_uint4(0, 0, 0, 0);
+            if (kp <= qp_last)
+                vv = *reinterpret_cast<const uint4 *>(vbase + (size_t)kp * HD + c * 8);
+            const __half *vh = reinterpret_cast<const __half *>(&vv);
+#pragma unroll
+            for (int j = 0; j < 8; j++)
+                Vt[(c * 8 + j) * L::LDV + r] = vh[j];
+        }
+        __syncthreads();
+
+        float s[PF_K / 8][4];
+#pragma unroll
+        for (int nt = 0; nt < PF_K / 8; nt++) {
+            s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
+#pragma unroll
+            for (int k = 0; k < HD / 16; k++) {
+                const __half *kp = Ks + (nt * 8 + gq) * L::LDQ + k * 16 + t4 * 2;
+                const uint32_t b[2] = {*reinterpret_cast<const uint32_t *>(kp),
+                                       *reinterpret_cast<const uint32_t *>(kp + 8)};
+                mma16816(s[nt], qa[k], b);
+            }
+        }
+        float xa = -INFINITY, xb = -INFINITY;
+#pragma unroll
+        for (int nt = 0; nt < PF_K / 8; nt++) {
+#pragma unroll
+            for (int i = 0; i < 2; i++) {
+                const int key = kt + nt * 8 + t4 * 2 + i;
+                const bool oka = va && key <= qpa && (!g.window || key > qpa - g.window);
+                const bool okb = vb && key <= qpb && (!g.window || key > qpb - g.window);
+                s[nt][i] = oka ? s[nt][i] * g.scale : -INFINITY;
+                s[nt][2 + i] = okb ? s[nt][2 + i] * g.scale : -INFINITY;
+                xa = fmaxf(xa, s[nt][i]);
+                xb = fmaxf(xb, s[nt][2 + i]);
+            }
+        }
+        xa = fmaxf(xa, __shfl_xor_sync(0xffffffffu, xa, 1));
+        xa = fmaxf(xa, __shfl_xor_sync(0xffffffffu, xa, 2));
+        xb = fmaxf(xb, __shfl_xor_sync(0xffffffffu, xb, 1));
+        xb = fmaxf(xb, __shfl_xor_sync(0xffffffffu, xb, 2));
+        const float na = fmaxf(ma, xa), nb = fmaxf(mb, xb);
+        const float ca = __expf(ma - na), cb = __expf(mb - nb);
+        float suma = 0.f, sumb = 0.f;
+        uint32_t pa[PF_K / 16][4];
+#pragma unroll
+        for (int nt = 0; nt < PF_K / 8; nt++) {
+            const float e0 = __expf(s[nt][0] - na), e1 = __expf(s[nt][1] - na);
+            const float e2 = __expf(s[nt][2] - nb), e3 = __expf(s[nt][3] - nb);
+            suma += e0 + e1;
+            sumb += e2 + e3;
+            /* n-tiles 2k and 2k+1 of S are the two column halves of
+             * A-fragment k of P */
+            pa[nt / 2][(nt & 1) * 2 + 0] = pack_half2(e0, e1);
+            pa[nt / 2][(nt & 1) * 2 + 1] = pack_half2(e2, e3);
+        }
+        suma += __shfl_xor_sync(0xffffffffu, suma, 1);
+        suma += __shfl_xor_sync(0xffffffffu, suma, 2);
+        sumb += __shfl_xor_sync(0xffffffffu, sumb, 1);
+        sumb += __shfl_xor_sync(0xffffffffu, sumb, 2);
+        la = la * ca + suma;
+        lb = lb * cb + sumb;
+        ma = na;
+        mb = nb;
+#pragma unroll
+        for (int j = 0; j < HD / 8; j++) {
+            o[j][0] *= ca;
+            o[j][1] *= ca;
+            o[j][2] *= cb;
+            o[j][3] *= cb;
+        }
+#pragma unroll
+        for (int k = 0; k < PF_K / 16; k++) {
+#pragma unroll
+            for (int j = 0; j < HD / 8; j++) {
+                const __half *vp = Vt + (j * 8 + gq) * L::LDV + k * 16 + t4 * 2;
+                const uint32_t b[2] = {*reinterpret_cast<const uint32_t *>(vp),
+                                       *reinterpret_cast<const uint32_t *>(vp + 8)};
+                mma16816(o[j], pa[k], b);
+            }
+        }
+        __syncthreads();        /* K/V tiles are reloaded next round */
+    }
+
+#pragma unroll
+    for (int j = 0; j < HD / 8; j++) {
+        const int d = j * 8 + t4 * 2;
+        if (va)
+            *reinterpret_cast<__half2 *>(out16 + ((size_t)(qfirst + ra) * g.nheads + h) * HD + d) =
+                __halves2half2(__float2half_rn(o[j][0] / la), __float2half_rn(o[j][1] / la));
+        if (vb)
+            *reinterpret_cast<__half2 *>(out16 + ((size_t)(qfirst + rb) * g.nheads + h) * HD + d) =
+                __halves2half2(__float2half_rn(o[j][2] / lb), __float2half_rn(o[j][3] / lb));
+    }
+}
+
 template <int HD>
 static int attn_prefill_launch(const kn_half *q16, const kn_half *kc, const kn_half *vc,
                                const float *sinks, const struct kn_attn_geom *g, int n,
                                int pos0, kn_half *out16, cudaStream_t s)
 {
+    dim3 grid(kn_div_up(n, PF_Q), g->nheads);
+    static int use_wmma = -1;   /* BNBFS_ATTN_PF=wmma: the shared-memory kernel (measurement) */
+    if (use_wmma < 0) {
+        const char *v = getenv("BNBFS_ATTN_PF");
+        use_wmma = v && !strcmp(v, "wmma");
+    }
+    if (!use_wmma) {
+        const size_t smem = fa_layout<HD>::bytes;
+        if (smem > 48 * 1024)
+            cudaFuncSetAttribute((const void *)attn_prefill_rf_kernel<HD>,
+                                 cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+        attn_prefill_rf_kernel<HD><<<grid, PF_THREADS, smem, s>>>(
+            reinterpret_cast<const __half *>(q16), reinterpret_cast<const __half *>(kc),
+            reinterpret_cast<const __half *>(vc), sinks, *g, n, pos0,
+            reinterpret_cast<__half *>(out16));
+        return KN_LAUNCHED("attn_prefill");
+    }
     const size_t smem = pf_layout<HD>::bytes;
     if (smem > 48 * 1024)
         cudaFuncSetAttribute((const void *)attn_prefill_kernel<HD>,
                              cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
-    dim3 grid(kn_div_up(n, PF_Q), g->nheads);
     attn_prefill_kernel<HD><<<grid, PF_THREADS, smem, s>>>(
         reinterpret_cast<const __half *>(q16), reinterpret_cast<const __half *>(kc),
         reinterpret_cast<const __half *>(vc), sinks, *g, n, pos0,

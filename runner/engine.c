@@ -357,12 +357,16 @@ static int prefill_chunk(struct rn_engine *e, const int32_t *ids, int n, bool wa
         TRY(gemm_lin(e, e->hn16, L->wqkv, e->qkv32, n, NQKV, H));
         TRY(kn_llm_qkv_prefill(e->qkv32, L->bqkv, n, pos0, &g, e->rope, e->q16, L->kc, L->vc,
                                st));
+        if (e->pf_profile)
+            CU(cudaEventRecord(e->pf_ev[1], st));
         TRY(kn_llm_attn_prefill(e->q16, L->kc, L->vc, L->sinks, &g, n, pos0, e->attn16, st));
+        if (e->pf_profile)
+            CU(cudaEventRecord(e->pf_ev[2], st));
         TRY(gemm_lin(e, e->attn16, L->wo, e->y32, n, H, Q));
         TRY(kn_llm_add_bias_resid(e->y32, L->bo, n, H, e->X, st));
 
         if (e->pf_profile)
-            CU(cudaEventRecord(e->pf_ev[1], st));
+            CU(cudaEventRecord(e->pf_ev[3], st));
         TRY(kn_llm_rmsnorm(e->X, L->mlp_norm, c->rms_eps, n, H, e->hn16, e->hn32, st));
         TRY(kn_llm_route(e->hn32, L->wr, L->br, n, H, E, K, e->rids, e->rw, st));
         TRY(kn_llm_moe_group(e->rids, n, K, E, e->offsets, e->rows_tok, e->row_of, st));
@@ -371,7 +375,7 @@ static int prefill_chunk(struct rn_engine *e, const int32_t *ids, int n, bool wa
         CU(cudaMemcpyAsync(e->h_offsets, e->offsets, (size_t)(E + 1) * sizeof(int),
                            cudaMemcpyDeviceToHost, st));
         if (e->pf_profile)
-            CU(cudaEventRecord(e->pf_ev[2], st));
+            CU(cudaEventRecord(e->pf_ev[4], st));
         CU(cudaStreamSynchronize(st));
         const double th = now_s();
         struct pf_ctx p = {.l = l, .off = e->h_offsets};
@@ -383,12 +387,12 @@ static int prefill_chunk(struct rn_engine *e, const int32_t *ids, int n, bool wa
         if (e->pf_chunks > 1)
             e->pf_host_s += now_s() - th;
         if (e->pf_profile)
-            CU(cudaEventRecord(e->pf_ev[3], st));
+            CU(cudaEventRecord(e->pf_ev[5], st));
         TRY(kn_llm_moe_combine(e->Y, L->down_b, e->rids, e->rw, e->row_of, n, K, H, e->X, st));
         if (e->pf_profile) {
-            CU(cudaEventRecord(e->pf_ev[4], st));
-            CU(cudaEventSynchronize(e->pf_ev[4]));
-            for (int k = 0; k < 4 && e->pf_chunks > 1; k++) {
+            CU(cudaEventRecord(e->pf_ev[6], st));
+            CU(cudaEventSynchronize(e->pf_ev[6]));
+            for (int k = 0; k < 6 && e->pf_chunks > 1; k++) {
                 float ms = 0;
                 CU(cudaEventElapsedTime(&ms, e->pf_ev[k], e->pf_ev[k + 1]));
                 e->pf_t[k] += ms;
@@ -541,7 +545,7 @@ static int engine_init(struct rn_engine *e)
 
     const char *pfp = getenv("BNBFS_PF_PROFILE");
     e->pf_profile = pfp && *pfp == '1';
-    for (int i = 0; e->pf_profile && i < 5; i++)
+    for (int i = 0; e->pf_profile && i < 7; i++)
         CU(cudaEventCreate(&e->pf_ev[i]));
     TRY(eng_plan_and_alloc(e));
     TRY(decode_args(e));
@@ -621,13 +625,15 @@ void rn_engine_free(struct rn_engine *e)
     eng_cache_free(e);
     if (e->blas)
         cublasDestroy(e->blas);
-    if (e->pf_profile && e->pf_chunks > 1)
+    if (e->pf_profile && e->pf_chunks > 1) {
+        const double k = 1.0 / (e->pf_chunks - 1);
         dq_log(DQ_LOG_INFO, ENG_TAG, "prefill profile, ms a chunk over %d chunks after the "
-               "first (%d side streams): attention block %.2f, routing %.2f, experts %.2f (host issuing %.2f), "
-               "combine %.2f", e->pf_chunks - 1, e->npf, e->pf_t[0] / (e->pf_chunks - 1),
-               e->pf_t[1] / (e->pf_chunks - 1), e->pf_t[2] / (e->pf_chunks - 1),
-               1e3 * e->pf_host_s / (e->pf_chunks - 1), e->pf_t[3] / (e->pf_chunks - 1));
-    for (int i = 0; i < 5; i++)
+               "first (%d side streams): norm + q/k/v + rope %.2f, attention %.2f, o + residual "
+               "%.2f, routing %.2f, experts %.2f (host issuing %.2f), combine %.2f",
+               e->pf_chunks - 1, e->npf, k * e->pf_t[0], k * e->pf_t[1], k * e->pf_t[2],
+               k * e->pf_t[3], k * e->pf_t[4], k * 1e3 * e->pf_host_s, k * e->pf_t[5]);
+    }
+    for (int i = 0; i < 7; i++)
         if (e->pf_ev[i])
             cudaEventDestroy(e->pf_ev[i]);
     for (int i = 0; i < ENG_PF_STREAMS; i++) {

@@ -131,8 +131,8 @@ struct rn_engine {
      * phases, summed from the second chunk on (the first pays cuBLAS's
      * per-shape setup) and logged when the engine is freed. */
     bool pf_profile;
-    cudaEvent_t pf_ev[5];
-    double pf_t[4], pf_host_s;  /* summed ms per phase; host seconds issuing experts */
+    cudaEvent_t pf_ev[7];
+    double pf_t[6], pf_host_s;  /* summed ms per phase; host seconds issuing experts */
     int pf_chunks;
     int *rids, *offsets, *rows_tok, *row_of;
     int *h_offsets;             /* pinned [E+1] */
