@@ -284,19 +284,30 @@ def table(res, card):
             f"{S['prefill_tok_s']:.0f} tok/s")
     if B or S:
         # Uniform routing (no locality): a layer with q of its E experts
-        # cached misses topk * (1 - q/E) a token.
-        slots = (B or S)["stats"]["expert_slots"]
+        # cached misses topk * (1 - q/E) a token. What a miss moves over
+        # PCIe depends on the expert store the engine chose (the run's own
+        # bytes a miss): 49.8 MB of F16, ~12.8 MB of 4-bit, or nothing when
+        # the 4-bit store is on the GPU.
+        X = B or S
+        st = X["stats"]
+        slots = st["expert_slots"]
         miss = 96 * (1 - slots / 768)
-        mb = miss * 49766400
+        per_miss = st["bytes_moved"] / st["expert_misses"] if st.get("expert_misses") else 49766400
+        mb = miss * per_miss
         h2d = (res.get("resident") or {}).get("h2d_pinned_Bps", 0)
-        line = (f"{miss:.0f} misses = {mb / 1e9:.2f} GB a token: copies alone allow "
-                f"{PCIE4 / mb:.1f} tok/s at 25 GB/s (PCIe 4 x16)")
-        if h2d:
-            line += f", {h2d / mb:.1f} tok/s at this machine's {h2d / 1e9:.0f} GB/s"
-        if S and S.get("decode_moved_per_token"):
-            eff = S["decode_moved_per_token"] * S["decode_tok_s"]
-            line += f"; at the copy rate the all-miss run reached ({eff / 1e9:.0f} GB/s): " \
-                    f"{eff / mb:.1f} tok/s"
+        if mb == 0:
+            line = (f"{miss:.0f} misses a token, 0 bytes over PCIe (store {st.get('store', '?')}: "
+                    f"a miss is a dequantization on the GPU)")
+        else:
+            line = (f"{miss:.0f} misses x {per_miss / 1e6:.1f} MB = {mb / 1e9:.2f} GB a token "
+                    f"(store {st.get('store', '?')}): copies alone allow "
+                    f"{PCIE4 / mb:.1f} tok/s at 25 GB/s (PCIe 4 x16)")
+            if h2d:
+                line += f", {h2d / mb:.1f} tok/s at this machine's {h2d / 1e9:.0f} GB/s"
+            if S and S.get("decode_moved_per_token"):
+                eff = S["decode_moved_per_token"] * S["decode_tok_s"]
+                line += f"; at the copy rate the all-miss run reached ({eff / 1e9:.0f} GB/s): " \
+                        f"{eff / mb:.1f} tok/s"
         add(f"uniform-routing projection, 24G ({slots} of 768 experts cached)", line)
     if C:
         for tool in ("llm-driver", "bnbfs-run"):
