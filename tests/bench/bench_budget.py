@@ -26,7 +26,6 @@ import datetime
 import json
 import pathlib
 import sys
-import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import bench_runner as br  # noqa: E402  (mount, unmount, run, driver_bench)
@@ -98,12 +97,7 @@ def main():
     a.mnt = (a.mnt or a.full / "mnt").resolve()
     a.runs = [r for r in a.runs.split(",") if r]
     a.out.mkdir(parents=True, exist_ok=True)
-    if not (a.full / "src" / "config.json").exists():
-        t0 = time.monotonic()
-        br.run([sys.executable, ROOT / "tests" / "fixtures" / "gen_fixture.py", "--size", "full",
-                a.full / "src.tmp"], timeout=1200)
-        (a.full / "src.tmp" / "src").rename(a.full / "src")
-        br.log(f"full fixture generated in {time.monotonic() - t0:.0f} s")
+    br.ensure_full(a.full)
     card = br.run(["nvidia-smi", "--query-gpu=name,memory.total,driver_version",
                    "--format=csv,noheader"]).stdout.strip()
     res = {"card": card, "budget": a.budget, "failed": {},

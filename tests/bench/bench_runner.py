@@ -321,6 +321,17 @@ def table(res, card):
     return "\n".join(head + rows)
 
 
+def ensure_full(full):
+    """Generates the full-size fixture into FULL/src unless it is there."""
+    if (full / "src" / "config.json").exists():
+        return
+    t0 = time.monotonic()
+    run([sys.executable, ROOT / "tests" / "fixtures" / "gen_fixture.py", "--size", "full",
+         full / "src.tmp"], timeout=1200)
+    (full / "src.tmp" / "src").rename(full / "src")
+    log(f"full fixture generated in {time.monotonic() - t0:.0f} s")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--build", type=pathlib.Path, required=True)
@@ -337,12 +348,7 @@ def main():
     a.base_build = [b.resolve() for b in a.base_build or []]
     a.mnt = (a.mnt or a.full / "mnt").resolve()
     a.out.mkdir(parents=True, exist_ok=True)
-    if not (a.full / "src" / "config.json").exists():
-        t0 = time.monotonic()
-        run([sys.executable, ROOT / "tests" / "fixtures" / "gen_fixture.py", "--size", "full",
-             a.full / "src.tmp"], timeout=1200)
-        (a.full / "src.tmp" / "src").rename(a.full / "src")
-        log(f"full fixture generated in {time.monotonic() - t0:.0f} s")
+    ensure_full(a.full)
     card = run(["nvidia-smi", "--query-gpu=name,memory.total,driver_version",
                 "--format=csv,noheader"]).stdout.strip()
     res = {"card": card, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
