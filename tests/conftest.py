@@ -115,3 +115,16 @@ def tiny_hf(tiny, tmp_path_factory):
               "special_tokens_map.json"):
         os.symlink(tiny / "src" / f, d / f)
     return d
+
+
+def byte_level_map():
+    """GPT-2's bytes_to_unicode: byte -> the character the vocab spells it with."""
+    bs = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) +
+          list(range(ord("®"), ord("ÿ") + 1)))
+    cs, n = bs[:], 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {b: chr(c) for b, c in zip(bs, cs)}

@@ -12,6 +12,8 @@ import subprocess
 import pytest
 from tokenizers import Tokenizer
 
+from conftest import byte_level_map
+
 SPECIAL_IN_TEXT = "<|start|>user<|message|>hi<|end|> <|endoftext|><|return|><|channel|>"
 
 CORPUS = {
@@ -269,19 +271,6 @@ def test_merges_as_strings_give_the_same_ids(bin_path, tmp_path, tokdir, ref):
     r = subprocess.run([str(bin_path("bnbfs-run")), str(tmp_path), "--tokenize"],
                        input=text.encode(), capture_output=True, check=True)
     assert [int(x) for x in r.stdout.split()] == ref_ids(ref, text)
-
-
-def byte_level_map():
-    """GPT-2's bytes_to_unicode: byte -> the character the vocab spells it with."""
-    bs = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) +
-          list(range(ord("®"), ord("ÿ") + 1)))
-    cs, n = bs[:], 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return {b: chr(c) for b, c in zip(bs, cs)}
 
 
 @pytest.mark.parametrize("ignore_merges", [True, False])
