@@ -347,7 +347,8 @@ static int prefill_chunk(struct rn_engine *e, const int32_t *ids, int n, bool wa
         CU(cudaMemcpyAsync(e->X, e->h_x, (size_t)n * H * sizeof(float), cudaMemcpyHostToDevice,
                            st));
     }
-    e->pf_chunks++;
+    if (e->pf_profile)
+        e->pf_chunks++;
     for (int l = 0; l < c->nlayers; l++) {
         struct eng_layer *L = &e->L[l];
         const struct kn_attn_geom g = geom(e, l);
@@ -377,14 +378,14 @@ static int prefill_chunk(struct rn_engine *e, const int32_t *ids, int n, bool wa
         if (e->pf_profile)
             CU(cudaEventRecord(e->pf_ev[4], st));
         CU(cudaStreamSynchronize(st));
-        const double th = now_s();
+        const double th = e->pf_profile ? now_s() : 0;
         struct pf_ctx p = {.l = l, .off = e->h_offsets};
         if (e->resident) {
             TRY(experts_resident(e, &p));
         } else {
             TRY(eng_cache_prefill_layer(e, l, e->h_offsets, expert_rows, &p));
         }
-        if (e->pf_chunks > 1)
+        if (e->pf_profile && e->pf_chunks > 1)
             e->pf_host_s += now_s() - th;
         if (e->pf_profile)
             CU(cudaEventRecord(e->pf_ev[5], st));

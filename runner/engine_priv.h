@@ -133,7 +133,7 @@ struct rn_engine {
     bool pf_profile;
     cudaEvent_t pf_ev[7];
     double pf_t[6], pf_host_s;  /* summed ms per phase; host seconds issuing experts */
-    int pf_chunks;
+    int pf_chunks;              /* prefill chunks run while profiling */
     int *rids, *offsets, *rows_tok, *row_of;
     int *h_offsets;             /* pinned [E+1] */
 
