@@ -59,9 +59,10 @@ static int load_json(const char *path, bool optional, cJSON **out)
     return 0;
 }
 
-/* Fetch a number that must be an integer in [lo, hi]. */
-static int get_int(const cJSON *o, const char *path, const char *key, bool required,
-                   long lo, long hi, int *out)
+/* The value of key (absent or null: -ENOENT, or -EINVAL logged when
+ * required). */
+static int get_item(const cJSON *o, const char *path, const char *key, bool required,
+                    const cJSON **out)
 {
     const cJSON *v = cJSON_GetObjectItemCaseSensitive(o, key);
     if (!v || cJSON_IsNull(v)) {
@@ -70,6 +71,18 @@ static int get_int(const cJSON *o, const char *path, const char *key, bool requi
         dq_log(DQ_LOG_ERROR, TAG, "%s: missing key \"%s\"", path, key);
         return -EINVAL;
     }
+    *out = v;
+    return 0;
+}
+
+/* Fetch a number that must be an integer in [lo, hi]. */
+static int get_int(const cJSON *o, const char *path, const char *key, bool required,
+                   long lo, long hi, int *out)
+{
+    const cJSON *v;
+    int rc = get_item(o, path, key, required, &v);
+    if (rc)
+        return rc;
     double d = v->valuedouble;
     if (!cJSON_IsNumber(v) || d != floor(d) || d < (double)lo || d > (double)hi) {
         dq_log(DQ_LOG_ERROR, TAG, "%s: \"%s\" must be an integer in [%ld, %ld]", path, key,
@@ -83,13 +96,10 @@ static int get_int(const cJSON *o, const char *path, const char *key, bool requi
 static int get_num(const cJSON *o, const char *path, const char *key, bool required,
                    double *out)
 {
-    const cJSON *v = cJSON_GetObjectItemCaseSensitive(o, key);
-    if (!v || cJSON_IsNull(v)) {
-        if (!required)
-            return -ENOENT;
-        dq_log(DQ_LOG_ERROR, TAG, "%s: missing key \"%s\"", path, key);
-        return -EINVAL;
-    }
+    const cJSON *v;
+    int rc = get_item(o, path, key, required, &v);
+    if (rc)
+        return rc;
     if (!cJSON_IsNumber(v) || !isfinite(v->valuedouble)) {
         dq_log(DQ_LOG_ERROR, TAG, "%s: \"%s\" must be a finite number", path, key);
         return -EINVAL;
