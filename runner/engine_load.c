@@ -363,12 +363,42 @@ static int add_item(struct item_list *l, const struct rn_tensor *t, void *dst,
     return 0;
 }
 
-/* Host mirror of the experts (24 GB mode): anonymous memory the reader
- * threads fill in parallel (their page faults run side by side, which
- * cudaHostAlloc's single-threaded pinning of 38 GB does not: ~18 s on the
- * H200 machine), page-locked afterwards with cudaHostRegister so slot fills
- * run at full PCIe speed. Without the memory, the experts are used from the
- * files' mmap (F16 files only). */
+int eng_hostmem_map(struct eng_hostmem *h, size_t bytes)
+{
+    void *p = mmap(NULL, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE,
+                   -1, 0);
+    if (p == MAP_FAILED)
+        return -ENOMEM;
+    madvise(p, bytes, MADV_HUGEPAGE);   /* fewer faults and pinned pages */
+    *h = (struct eng_hostmem){.p = p, .bytes = bytes};
+    return 0;
+}
+
+void eng_hostmem_pin(struct eng_hostmem *h, const char *what)
+{
+    cudaError_t ce = cudaHostRegister(h->p, h->bytes, cudaHostRegisterDefault);
+    if (ce != cudaSuccess) {
+        cudaGetLastError();
+        dq_log(DQ_LOG_WARN, ENG_TAG, "cannot page-lock the %.2f GiB %s (%s); copies from "
+               "pageable memory are slower", gib(h->bytes), what, cudaGetErrorString(ce));
+        return;
+    }
+    h->pinned = true;
+}
+
+void eng_hostmem_free(struct eng_hostmem *h)
+{
+    if (!h->p)
+        return;
+    if (h->pinned)
+        cudaHostUnregister(h->p);
+    munmap(h->p, h->bytes);
+    *h = (struct eng_hostmem){0};
+}
+
+/* The F16 host mirror of the experts (24 GB mode without a 4-bit store).
+ * Without the memory, the experts are used from the files' mmap (F16 files
+ * only). */
 static int setup_host_experts(struct rn_engine *e, bool *need_mirror_fill)
 {
     const struct rn_config *c = &e->c;
@@ -376,18 +406,15 @@ static int setup_host_experts(struct rn_engine *e, bool *need_mirror_fill)
     bool all_f16 = true;
     for (int l = 0; l < c->nlayers; l++)
         all_f16 &= e->m->layers[l].gate_up.dtype == DQ_F16 && e->m->layers[l].down.dtype == DQ_F16;
-    e->h_mirror_bytes = per_layer * (size_t)c->nlayers;
-    void *p = mmap(NULL, e->h_mirror_bytes, PROT_READ | PROT_WRITE,
-                   MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
-    if (p == MAP_FAILED) {
-        e->h_mirror = NULL;
+    const size_t bytes = per_layer * (size_t)c->nlayers;
+    if (eng_hostmem_map(&e->mirror, bytes)) {
         if (!all_f16) {
             dq_log(DQ_LOG_ERROR, ENG_TAG, "cannot map %.1f GiB of host memory for the experts "
-                   "and the checkpoint's experts are not F16", gib(e->h_mirror_bytes));
+                   "and the checkpoint's experts are not F16", gib(bytes));
             return -ENOMEM;
         }
         dq_log(DQ_LOG_WARN, ENG_TAG, "cannot map %.1f GiB of host memory; expert copies come "
-               "from the mapped files (slower)", gib(e->h_mirror_bytes));
+               "from the mapped files (slower)", gib(bytes));
         for (int l = 0; l < c->nlayers; l++) {
             e->L[l].h_gate_up = e->m->layers[l].gate_up.data;
             e->L[l].h_down = e->m->layers[l].down.data;
@@ -395,11 +422,9 @@ static int setup_host_experts(struct rn_engine *e, bool *need_mirror_fill)
         *need_mirror_fill = false;
         return 0;
     }
-    madvise(p, e->h_mirror_bytes, MADV_HUGEPAGE);   /* fewer faults and pinned pages */
-    e->h_mirror = p;
     const size_t H = (size_t)c->hidden, I = (size_t)c->intermediate, E = (size_t)c->nexperts;
     for (int l = 0; l < c->nlayers; l++) {
-        kn_half *base = (kn_half *)((uint8_t *)e->h_mirror + per_layer * (size_t)l);
+        kn_half *base = (kn_half *)((uint8_t *)e->mirror.p + per_layer * (size_t)l);
         e->L[l].h_gate_up = base;
         e->L[l].h_down = base + E * H * 2 * I;
     }
@@ -407,27 +432,10 @@ static int setup_host_experts(struct rn_engine *e, bool *need_mirror_fill)
     return 0;
 }
 
-static void pin_host_experts(struct rn_engine *e)
-{
-    cudaError_t ce = cudaHostRegister(e->h_mirror, e->h_mirror_bytes, cudaHostRegisterDefault);
-    if (ce != cudaSuccess) {
-        cudaGetLastError();
-        dq_log(DQ_LOG_WARN, ENG_TAG, "cannot page-lock the %.1f GiB expert mirror (%s); copies "
-               "from pageable memory are slower", gib(e->h_mirror_bytes), cudaGetErrorString(ce));
-        return;
-    }
-    e->h_mirror_pinned = true;
-}
-
 void eng_host_experts_free(struct rn_engine *e)
 {
     eng_q4_free(e);
-    if (!e->h_mirror)
-        return;
-    if (e->h_mirror_pinned)
-        cudaHostUnregister(e->h_mirror);
-    munmap(e->h_mirror, e->h_mirror_bytes);
-    e->h_mirror = NULL;
+    eng_hostmem_free(&e->mirror);
 }
 
 int eng_upload(struct rn_engine *e)
@@ -512,7 +520,7 @@ int eng_upload(struct rn_engine *e)
         rc = rn_read_items(l.it, l.n, &o);
     }
     if (!rc && mirror)
-        pin_host_experts(e);
+        eng_hostmem_pin(&e->mirror, "F16 expert mirror");
     if (!rc && u.sat.count)
         dq_log(DQ_LOG_WARN, ENG_TAG, "%" PRIu64 " weight values did not fit F16 and were "
                "saturated", u.sat.count);

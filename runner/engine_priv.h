@@ -55,6 +55,17 @@ struct eng_layer {
     const kn_half *h_down;      /* host; [E, I, H] */
 };
 
+/* Host memory for the experts the GPU cache lacks (the 24 GB mode's F16
+ * mirror or 4-bit store): an anonymous mapping the reader threads fill side
+ * by side (their page faults run in parallel, which cudaHostAlloc's
+ * single-threaded pinning does not: ~18 s for 38 GB on the H200 machine),
+ * page-locked afterwards so copies from it run at full PCIe speed. */
+struct eng_hostmem {
+    void *p;                    /* NULL when not mapped */
+    size_t bytes;
+    bool pinned;                /* registered with CUDA */
+};
+
 /* One GPU cache slot holding both matrices of one expert. */
 struct eng_slot {
     int owner;                  /* layer whose experts it caches, or -1: any layer */
@@ -145,10 +156,8 @@ struct rn_engine {
     int *slot_of;               /* [nlayers * E]: slot index or -1 */
     uint64_t tick;
     int cur_slots[32];          /* decode: slots of the layer between prepare and done */
-    void *h_mirror;             /* anonymous mapping: F16 copy of every expert, or NULL
-                                 * (the files' mmap is used); owned */
-    size_t h_mirror_bytes;
-    bool h_mirror_pinned;       /* registered with CUDA (page-locked) */
+    struct eng_hostmem mirror;  /* F16 copy of every expert, or p NULL (the files' mmap is
+                                 * used, or the 4-bit store serves misses); owned */
     size_t expert_bytes;        /* one expert: gate_up + down, bytes */
     struct eng_q4 *q4;          /* 4-bit expert store (engine_q4.c), or NULL; owned */
 
@@ -157,6 +166,12 @@ struct rn_engine {
 };
 
 /* engine_load.c */
+/* -ENOMEM (nothing logged: the caller says what for) when it cannot map. */
+int eng_hostmem_map(struct eng_hostmem *h, size_t bytes);
+/* Page-locks h; without it copies run from pageable memory (warned once,
+ * naming `what`). */
+void eng_hostmem_pin(struct eng_hostmem *h, const char *what);
+void eng_hostmem_free(struct eng_hostmem *h);
 int eng_plan_and_alloc(struct rn_engine *e);
 int eng_upload(struct rn_engine *e);
 void *eng_alloc(struct rn_engine *e, size_t bytes);

@@ -20,7 +20,6 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/mman.h>
 #include <sys/xattr.h>
 #include <time.h>
 #include <unistd.h>
@@ -182,17 +181,11 @@ int eng_q4_place(struct rn_engine *e, bool on_gpu)
         CU(cudaEventCreateWithFlags(&q->stage_free[i], cudaEventDisableTiming));
         CU(cudaEventRecord(q->stage_free[i], q->kst));
     }
-    /* Anonymous memory filled by the reader threads side by side, then
-     * page-locked (cudaHostAlloc pins single-threaded: slower to start). */
-    void *p = mmap(NULL, q->store_bytes, PROT_READ | PROT_WRITE,
-                   MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
-    if (p == MAP_FAILED) {
+    if (eng_hostmem_map(&q->host, q->store_bytes)) {
         dq_log(DQ_LOG_ERROR, ENG_TAG, "cannot map %.2f GiB of host memory for the 4-bit experts",
                gib(q->store_bytes));
         return -ENOMEM;
     }
-    madvise(p, q->store_bytes, MADV_HUGEPAGE);
-    q->h_store = p;
     return 0;
 }
 
@@ -271,7 +264,7 @@ static void *load_thread(void *p)
         const struct q4_rec *r = &q->rec[i];
         /* The host tier fills the store in place; the GPU tier goes
          * through this thread's pinned record. */
-        uint8_t *rec = q->on_gpu ? stage : q->h_store + r->off;
+        uint8_t *rec = q->on_gpu ? stage : (uint8_t *)q->host.p + r->off;
         for (int m = 0; !rc && m < 2; m++)
             rc = load_mat(&r->m[m], rec, scales);
         if (!rc && q->on_gpu) {
@@ -331,17 +324,8 @@ int eng_q4_load(struct rn_engine *e)
         dq_log(DQ_LOG_ERROR, ENG_TAG, "cannot load the 4-bit experts from %s", q->src_dir);
         return rc;
     }
-    if (!q->on_gpu) {
-        cudaError_t ce = cudaHostRegister(q->h_store, q->store_bytes, cudaHostRegisterDefault);
-        if (ce != cudaSuccess) {
-            cudaGetLastError();
-            dq_log(DQ_LOG_WARN, ENG_TAG, "cannot page-lock the %.2f GiB 4-bit expert store (%s); "
-                   "copies from pageable memory are slower", gib(q->store_bytes),
-                   cudaGetErrorString(ce));
-        } else {
-            q->h_pinned = true;
-        }
-    }
+    if (!q->on_gpu)
+        eng_hostmem_pin(&q->host, "4-bit expert store");
     dq_log(DQ_LOG_INFO, ENG_TAG, "4-bit expert store: %.2f GiB from %s in %.1f s, %s",
            gib(q->store_bytes), q->src_dir, now_s() - t0,
            q->on_gpu ? "on the GPU (a miss is a dequantization kernel)"
@@ -386,8 +370,8 @@ int eng_q4_fill(struct rn_engine *e, int l, int x, kn_half *gu, kn_half *dn, cud
         const int i = q->next_stage;
         q->next_stage ^= 1;
         CU(cudaStreamWaitEvent(e->cst, q->stage_free[i], 0));
-        CU(cudaMemcpyAsync(q->d_stage[i], q->h_store + r->off, r->bytes, cudaMemcpyHostToDevice,
-                           e->cst));
+        CU(cudaMemcpyAsync(q->d_stage[i], (const uint8_t *)q->host.p + r->off, r->bytes,
+                           cudaMemcpyHostToDevice, e->cst));
         CU(cudaEventRecord(q->stage_full[i], e->cst));
         CU(cudaStreamWaitEvent(q->kst, q->stage_full[i], 0));
         CU(cudaStreamWaitEvent(q->kst, freed, 0));
@@ -493,11 +477,7 @@ void eng_q4_free(struct rn_engine *e)
         if (q->stage_free[i])
             cudaEventDestroy(q->stage_free[i]);
     }
-    if (q->h_store) {
-        if (q->h_pinned)
-            cudaHostUnregister(q->h_store);
-        munmap(q->h_store, q->store_bytes);
-    }
+    eng_hostmem_free(&q->host);
     if (q->d_cnt)
         cudaFree(q->d_cnt);
     dq_plan_free(q->plan);

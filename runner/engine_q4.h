@@ -60,8 +60,7 @@ struct eng_q4 {
     uint64_t max_blocks;        /* the most 4-bit blocks of one matrix */
     bool on_gpu;
     uint8_t *d_store;           /* device (pool), RN_STORE_Q4_GPU */
-    uint8_t *h_store;           /* pinned host mapping, RN_STORE_Q4_HOST; owned */
-    bool h_pinned;
+    struct eng_hostmem host;    /* the store in host memory, RN_STORE_Q4_HOST; owned */
     uint8_t *d_stage[2];        /* device (pool), RN_STORE_Q4_HOST: [rec_max] each */
     cudaEvent_t stage_full[2], stage_free[2];
     int next_stage;
