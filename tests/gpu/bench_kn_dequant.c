@@ -32,16 +32,9 @@
 
 #include "dequant.h"
 #include "kernels.h"
+#include "kn_prog.h"
 
-#define CK(call)                                                                              \
-    do {                                                                                      \
-        cudaError_t e_ = (call);                                                              \
-        if (e_ != cudaSuccess) {                                                              \
-            fprintf(stderr, "%s:%d: %s: %s\n", __FILE__, __LINE__, #call,                     \
-                    cudaGetErrorString(e_));                                                  \
-            exit(1);                                                                          \
-        }                                                                                     \
-    } while (0)
+#define CK(call) KN_PROG_CUDA(call)
 #define OK(x)                                                                                 \
     do {                                                                                      \
         int r_ = (x);                                                                         \
@@ -52,13 +45,7 @@
     } while (0)
 
 static uint64_t g_rng = 0x243f6a8885a308d3ull;
-static uint64_t rnd(void)
-{
-    uint64_t z = (g_rng += 0x9e3779b97f4a7c15ull);
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-    return z ^ (z >> 31);
-}
+static uint64_t rnd(void) { return kn_prog_splitmix(&g_rng); }
 
 static double now(void)
 {

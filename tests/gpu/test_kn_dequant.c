@@ -30,32 +30,18 @@
 
 #include "dequant.h"
 #include "kernels.h"
+#include "kn_prog.h"
 #include "stw.h"
 #include "tu.h"
 
 /* ------------------------------------------------------------- helpers */
 
 static uint64_t g_rng = 0x9e3779b97f4a7c15ull;
-
-static uint64_t rnd(void)
-{
-    uint64_t z = (g_rng += 0x9e3779b97f4a7c15ull);
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-    return z ^ (z >> 31);
-}
+static uint64_t rnd(void) { return kn_prog_splitmix(&g_rng); }
 
 static float frand(float lo, float hi) { return lo + (hi - lo) * (float)(rnd() >> 40) / 16777216.0f; }
 
-#define CUDA_OK(call)                                                                         \
-    do {                                                                                      \
-        cudaError_t e_ = (call);                                                              \
-        if (e_ != cudaSuccess) {                                                              \
-            fprintf(stderr, "%s:%d: %s: %s\n", __FILE__, __LINE__, #call,                     \
-                    cudaGetErrorString(e_));                                                  \
-            exit(1);                                                                          \
-        }                                                                                     \
-    } while (0)
+#define CUDA_OK(call) KN_PROG_CUDA(call)
 
 static const enum dq_dtype OUTS[3] = {DQ_F16, DQ_BF16, DQ_F32};
 
