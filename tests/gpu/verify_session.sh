@@ -7,11 +7,12 @@
 # transformers on the same card). Each step has a time budget so the call
 # ends under the tool's limit; logs and the benchmark's table go to $OUT.
 #   sh .device/prep.sh && OUT=$OUT FULL=/tmp/full bash tests/gpu/verify_session.sh
+# STAGES= (empty) skips the benchmark.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-/tmp/bnbfs-verify}
 FULL=${FULL:-/tmp/full}
-STAGES=${STAGES:-resident,budget,transformers,cold}
+STAGES=${STAGES-resident,budget,transformers,cold}
 LIMIT=${LIMIT:-560}
 mkdir -p "$OUT"
 t0=$(date +%s)
