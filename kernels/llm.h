@@ -231,14 +231,17 @@ int kn_llm_attn_prefill(const kn_half *q16, const kn_half *kc, const kn_half *vc
                         const float *sinks, const struct kn_attn_geom *g, int n, int pos0,
                         kn_half *out16, cudaStream_t s);
 
-/* x[n, H] += y[n, H] + bias[H] (bias may be NULL). */
-int kn_llm_add_bias_resid(const float *y, const float *bias, int n, int H, float *x,
-                          cudaStream_t s);
+/* x[t] += bias (the o_proj GEMM added its output into x), then the MLP's
+ * RMSNorm of x[t] with weight w into out16 (fp16) and out32 (fp32; either
+ * may be NULL), one block a token. H % 4 == 0. */
+int kn_llm_bias_resid_norm(float *x, const float *bias, const float *w, float eps, int n, int H,
+                           kn_half *out16, float *out32, cudaStream_t s);
 
-/* Router for n tokens: logits = Wr hn + br, top-k, softmax over the chosen:
- * ids [n, topk], w [n, topk]. hn [n, H] fp32. */
-int kn_llm_route(const float *hn, const kn_half *Wr, const float *br, int n, int H, int E,
-                 int topk, int *ids, float *w, cudaStream_t s);
+/* Router top-k for n tokens from logits [n, E] fp32 (hn @ Wr^T, computed
+ * by the caller in fp32): adds br, takes the top-k, softmax over the
+ * chosen: ids [n, topk], w [n, topk]. */
+int kn_llm_route_topk(const float *logits, const float *br, int n, int E, int topk, int *ids,
+                      float *w, cudaStream_t s);
 
 /* Groups the n*topk (token, slot) pairs by expert, stable in token order:
  * offsets [E+1] (rows of each expert in the grouped order), rows_tok
@@ -258,9 +261,12 @@ int kn_llm_swiglu(const kn_half *gu, const float *b, int m, int I, float limit, 
                   kn_half *act, cudaStream_t s);
 
 /* x[t] += sum_j w[t,j] * (y[row_of[t,j]] + b[ids[t,j]]) for t < n, j in order.
- * y [n*topk, H] fp32 grouped rows, b [E, H]. */
+ * y [n*topk, H] fp32 grouped rows, b [E, H]. With norm_w (the next
+ * layer's attention norm), also its RMSNorm of x[t] into out16 [n, H].
+ * H % 4 == 0. */
 int kn_llm_moe_combine(const float *y, const float *b, const int *ids, const float *w,
-                       const int *row_of, int n, int topk, int H, float *x, cudaStream_t s);
+                       const int *row_of, int n, int topk, int H, float *x, const float *norm_w,
+                       float eps, kn_half *out16, cudaStream_t s);
 
 /* ------------------------------------------------------------- misc */
 

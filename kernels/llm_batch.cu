@@ -117,141 +117,160 @@ extern "C" int kn_llm_qkv_prefill(const float *qkv, const float *bias, int n, in
 
 /* --------------------------------------------------------- residual */
 
-__global__ void add_bias_resid_kernel(const float *__restrict__ y, const float *__restrict__ b,
-                                      long total, int H, float *__restrict__ x)
+/* The second half of an RMSNorm for one row whose final values this thread
+ * wrote (elements i = threadIdx.x + k*blockDim.x, float4s): ss is its
+ * partial sum of squares; writes x*r*w to out16 and/or out32. Every thread
+ * of the block calls it. */
+__device__ __forceinline__ void norm_row_out(const float4 *__restrict__ x4, int H, float ss,
+                                             const float4 *__restrict__ w4, float eps,
+                                             __half2 *__restrict__ o16,
+                                             float4 *__restrict__ o32, float *red)
 {
-    for (long i = (long)blockIdx.x * blockDim.x + threadIdx.x; i < total;
-         i += (long)gridDim.x * blockDim.x)
-        x[i] += y[i] + (b ? b[i % H] : 0.f);
+    ss = block_sum(ss, red);
+    const float r = rsqrtf(ss / (float)H + eps);
+    for (int i = threadIdx.x; i < (H >> 2); i += blockDim.x) {
+        const float4 v = x4[i], w = w4[i];
+        const float4 y = make_float4(v.x * r * w.x, v.y * r * w.y, v.z * r * w.z, v.w * r * w.w);
+        if (o16) {
+            o16[2 * i] = __floats2half2_rn(y.x, y.y);
+            o16[2 * i + 1] = __floats2half2_rn(y.z, y.w);
+        }
+        if (o32)
+            o32[i] = y;
+    }
 }
 
-extern "C" int kn_llm_add_bias_resid(const float *y, const float *bias, int n, int H, float *x,
-                                     cudaStream_t s)
+/* One block a token: x += bias (the o_proj GEMM already added its output
+ * into x), then the MLP's RMSNorm of x into out16 and out32. */
+__global__ void __launch_bounds__(256)
+bias_resid_norm_kernel(float *__restrict__ x, const float *__restrict__ bias,
+                       const float *__restrict__ w, float eps, int H, __half *__restrict__ out16,
+                       float *__restrict__ out32)
 {
-    const long total = (long)n * H;
-    const int blocks = (int)(total / 256 + 1 < 65536 ? total / 256 + 1 : 65536);
-    add_bias_resid_kernel<<<blocks, 256, 0, s>>>(y, bias, total, H, x);
-    return KN_LAUNCHED("add_bias_resid");
+    __shared__ float red[32];
+    const size_t row = (size_t)blockIdx.x * H;
+    float4 *x4 = reinterpret_cast<float4 *>(x + row);
+    const float4 *b4 = reinterpret_cast<const float4 *>(bias);
+    float ss = 0.f;
+    for (int i = threadIdx.x; i < (H >> 2); i += blockDim.x) {
+        float4 v = x4[i];
+        const float4 b = b4[i];
+        v.x += b.x;
+        v.y += b.y;
+        v.z += b.z;
+        v.w += b.w;
+        x4[i] = v;
+        ss += v.x * v.x + v.y * v.y + v.z * v.z + v.w * v.w;
+    }
+    norm_row_out(x4, H, ss, reinterpret_cast<const float4 *>(w), eps,
+                 out16 ? reinterpret_cast<__half2 *>(out16 + row) : NULL,
+                 out32 ? reinterpret_cast<float4 *>(out32 + row) : NULL, red);
+}
+
+extern "C" int kn_llm_bias_resid_norm(float *x, const float *bias, const float *w, float eps,
+                                      int n, int H, kn_half *out16, float *out32,
+                                      cudaStream_t s)
+{
+    if (H % 4)
+        return -EINVAL;
+    bias_resid_norm_kernel<<<n, 256, 0, s>>>(x, bias, w, eps, H,
+                                              reinterpret_cast<__half *>(out16), out32);
+    return KN_LAUNCHED("bias_resid_norm");
 }
 
 /* ----------------------------------------------------------- router */
 
-#define ROUTE_TOK 8             /* tokens per block: the router weight is read once per 8 */
+#define ROUTE_TOK 8             /* tokens (warps) a block */
 #define ROUTE_MAX_E 256
 #define ROUTE_MAX_TOPK 32
 
-/* Logits in fp32 from fp32 activations: the top-k choice is discrete, so
- * the router is computed at full precision (no fp16 rounding of hn). */
+/* Top-k of the router logits (a cuBLAS fp32 GEMM in the engine: the top-k
+ * choice is discrete, so the router runs at full precision from fp32
+ * activations): one warp a token, the bias added first. */
 __global__ void __launch_bounds__(256)
-route_kernel(const float *__restrict__ hn, const __half *__restrict__ Wr,
-             const float *__restrict__ br, int n, int H, int E, int topk, int *__restrict__ ids,
-             float *__restrict__ w)
+route_topk_kernel(const float *__restrict__ lg, const float *__restrict__ br, int n, int E,
+                  int topk, int *__restrict__ ids, float *__restrict__ w)
 {
     __shared__ float logits[ROUTE_TOK][ROUTE_MAX_E];
     __shared__ float cval[ROUTE_TOK][ROUTE_MAX_TOPK];
     __shared__ int cidx[ROUTE_TOK][ROUTE_MAX_TOPK];
-    const int t0 = blockIdx.x * ROUTE_TOK, nt = min(ROUTE_TOK, n - t0);
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, nw = blockDim.x >> 5;
-    for (int e = warp; e < E; e += nw) {
-        const uint4 *wr = reinterpret_cast<const uint4 *>(Wr + (size_t)e * H);
-        float acc[ROUTE_TOK];
-#pragma unroll
-        for (int t = 0; t < ROUTE_TOK; t++)
-            acc[t] = 0.f;
-        for (int c = lane; c < (H >> 3); c += 32) {
-            const uint4 wv = wr[c];
-#pragma unroll
-            for (int t = 0; t < ROUTE_TOK; t++) {
-                if (t < nt) {
-                    const float4 *x4 = reinterpret_cast<const float4 *>(hn + (size_t)(t0 + t) * H);
-                    acc[t] += dot8(wv, x4[2 * c], x4[2 * c + 1]);
-                }
-            }
-        }
-#pragma unroll
-        for (int t = 0; t < ROUTE_TOK; t++) {
-            const float v = warp_sum(acc[t]);
-            if (lane == 0 && t < nt)
-                logits[t][e] = v + br[e];
-        }
-    }
-    __syncthreads();
-    if (warp >= nt)
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int t = blockIdx.x * ROUTE_TOK + warp;
+    if (t >= n)
         return;
-    /* One warp per token (warp_topk_softmax, as decode routes). */
-    const int t = warp;
-    warp_topk_softmax(logits[t], E, topk, ids + (size_t)(t0 + t) * topk,
-                      w + (size_t)(t0 + t) * topk, cval[t], cidx[t]);
+    for (int e = lane; e < E; e += 32)
+        logits[warp][e] = lg[(size_t)t * E + e] + br[e];
+    __syncwarp();
+    warp_topk_softmax(logits[warp], E, topk, ids + (size_t)t * topk, w + (size_t)t * topk,
+                      cval[warp], cidx[warp]);
 }
 
-extern "C" int kn_llm_route(const float *hn, const kn_half *Wr, const float *br, int n, int H,
-                            int E, int topk, int *ids, float *w, cudaStream_t s)
+extern "C" int kn_llm_route_topk(const float *logits, const float *br, int n, int E, int topk,
+                                 int *ids, float *w, cudaStream_t s)
 {
     if (E > ROUTE_MAX_E || topk > ROUTE_MAX_TOPK)
         return -EINVAL;
-    route_kernel<<<kn_div_up(n, ROUTE_TOK), 256, 0, s>>>(
-        hn, reinterpret_cast<const __half *>(Wr), br, n, H, E, topk, ids, w);
-    return KN_LAUNCHED("route");
+    route_topk_kernel<<<kn_div_up(n, ROUTE_TOK), 256, 0, s>>>(logits, br, n, E, topk, ids, w);
+    return KN_LAUNCHED("route_topk");
 }
 
 /* --------------------------------------------------------- grouping */
 
 #define GROUP_THREADS 1024
 
-/* One block: histogram of expert ids, then the exclusive prefix. */
+/* One block: the histogram of expert ids, its exclusive prefix, then a
+ * stable scatter in chunks of blockDim pairs. Within a warp, lanes holding
+ * the same expert are ranked by __match_any_sync; across warps, by a
+ * per-chunk prefix of the warps' counts (shared [nwarps][E]). */
 __global__ void __launch_bounds__(GROUP_THREADS)
-moe_count_kernel(const int *__restrict__ ids, int m, int E, int *__restrict__ offsets)
+moe_group_kernel(const int *__restrict__ ids, int m, int E, int topk, int *__restrict__ offsets,
+                 int *__restrict__ rows_tok, int *__restrict__ row_of)
 {
-    extern __shared__ int cnt[];
-    for (int e = threadIdx.x; e < E; e += blockDim.x)
-        cnt[e] = 0;
+    extern __shared__ int sh[];
+    int *base = sh, *wcnt = sh + E;     /* [E], [nw][E] */
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, nw = blockDim.x >> 5;
+    for (int e = tid; e < E; e += blockDim.x)
+        base[e] = 0;
     __syncthreads();
-    for (int i = threadIdx.x; i < m; i += blockDim.x)
-        atomicAdd(&cnt[ids[i]], 1);     /* integer counts: order does not matter */
+    for (int i = tid; i < m; i += blockDim.x)
+        atomicAdd(&base[ids[i]], 1);    /* integer counts: order does not matter */
     __syncthreads();
-    if (threadIdx.x == 0) {
+    if (tid == 0) {
         int acc = 0;
         for (int e = 0; e < E; e++) {
+            const int c = base[e];
+            base[e] = acc;
             offsets[e] = acc;
-            acc += cnt[e];
+            acc += c;
         }
         offsets[E] = acc;
     }
-}
-
-/* Block e: compacts the pairs routed to expert e in pair order (stable). */
-__global__ void __launch_bounds__(GROUP_THREADS)
-moe_scatter_kernel(const int *__restrict__ ids, int m, int topk,
-                   const int *__restrict__ offsets, int *__restrict__ rows_tok,
-                   int *__restrict__ row_of)
-{
-    __shared__ int wsum[32];
-    __shared__ int base;
-    const int e = blockIdx.x, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    if (threadIdx.x == 0)
-        base = offsets[e];
-    __syncthreads();
     for (int c0 = 0; c0 < m; c0 += blockDim.x) {
-        const int i = c0 + threadIdx.x;
-        const bool mine = i < m && ids[i] == e;
-        const unsigned bal = __ballot_sync(0xffffffffu, mine);
-        const int before = __popc(bal & ((1u << lane) - 1u));
-        if (lane == 0)
-            wsum[warp] = __popc(bal);
+        for (int k = tid; k < nw * E; k += blockDim.x)
+            wcnt[k] = 0;
         __syncthreads();
-        int woff = 0, total = 0;
-        for (int k = 0; k < (int)(blockDim.x >> 5); k++) {
-            woff += k < warp ? wsum[k] : 0;
-            total += wsum[k];
+        const int i = c0 + tid;
+        const int v = i < m ? ids[i] : -1;
+        const unsigned same = __match_any_sync(0xffffffffu, v);
+        const int rank = __popc(same & ((1u << lane) - 1u));
+        if (v >= 0 && rank == 0)
+            wcnt[warp * E + v] = __popc(same);
+        __syncthreads();
+        for (int e = tid; e < E; e += blockDim.x) {
+            int run = base[e];
+            for (int w = 0; w < nw; w++) {
+                const int c = wcnt[w * E + e];
+                wcnt[w * E + e] = run;
+                run += c;
+            }
+            base[e] = run;
         }
-        if (mine) {
-            const int r = base + woff + before;
+        __syncthreads();
+        if (v >= 0) {
+            const int r = wcnt[warp * E + v] + rank;
             rows_tok[r] = i / topk;
             row_of[i] = r;
         }
-        __syncthreads();
-        if (threadIdx.x == 0)
-            base += total;
         __syncthreads();
     }
 }
@@ -259,13 +278,12 @@ moe_scatter_kernel(const int *__restrict__ ids, int m, int topk,
 extern "C" int kn_llm_moe_group(const int *ids, int n, int topk, int E, int *offsets,
                                 int *rows_tok, int *row_of, cudaStream_t s)
 {
-    const int m = n * topk;
-    moe_count_kernel<<<1, GROUP_THREADS, (size_t)E * sizeof(int), s>>>(ids, m, E, offsets);
-    int rc = KN_LAUNCHED("moe_count");
-    if (rc)
-        return rc;
-    moe_scatter_kernel<<<E, GROUP_THREADS, 0, s>>>(ids, m, topk, offsets, rows_tok, row_of);
-    return KN_LAUNCHED("moe_scatter");
+    if (E > ROUTE_MAX_E)
+        return -EINVAL;
+    const size_t smem = (size_t)(E + (GROUP_THREADS / 32) * E) * sizeof(int);
+    moe_group_kernel<<<1, GROUP_THREADS, smem, s>>>(ids, n * topk, E, topk, offsets, rows_tok,
+                                                    row_of);
+    return KN_LAUNCHED("moe_group");
 }
 
 /* ------------------------------------------------------ gather, glu */
@@ -289,59 +307,90 @@ extern "C" int kn_llm_gather_rows(const kn_half *src, const int *rows, int m, in
     return KN_LAUNCHED("gather_rows");
 }
 
-__global__ void swiglu_kernel(const __half *__restrict__ gu, const float *__restrict__ b,
-                              long total, int I, float limit, float alpha,
-                              __half *__restrict__ act)
+/* Two outputs a thread (one 8-byte load of gate, up, gate, up). */
+__global__ void swiglu_kernel(const __half2 *__restrict__ gu, const float *__restrict__ b,
+                              long pairs, int I, float limit, float alpha,
+                              __half2 *__restrict__ act)
 {
-    for (long idx = (long)blockIdx.x * blockDim.x + threadIdx.x; idx < total;
+    const int I2 = I >> 1;
+    for (long idx = (long)blockIdx.x * blockDim.x + threadIdx.x; idx < pairs;
          idx += (long)gridDim.x * blockDim.x) {
-        const long r = idx / I;
-        const int i = (int)(idx % I);
-        const float2 v =
-            __half22float2(*reinterpret_cast<const __half2 *>(gu + r * 2 * I + 2 * i));
-        float g = v.x + b[2 * i], u = v.y + b[2 * i + 1];
-        g = fminf(g, limit);
-        u = fminf(fmaxf(u, -limit), limit);
-        const float glu = g / (1.f + expf(-alpha * g));
-        act[idx] = __float2half_rn((u + 1.f) * glu);
+        const long r = idx / I2;
+        const int i = (int)(idx % I2) * 2;
+        const float4 bb = *reinterpret_cast<const float4 *>(b + 2 * i);
+        const uint2 raw = *reinterpret_cast<const uint2 *>(gu + r * I + i);
+        const float2 v0 = __half22float2(*reinterpret_cast<const __half2 *>(&raw.x));
+        const float2 v1 = __half22float2(*reinterpret_cast<const __half2 *>(&raw.y));
+        const float o0 = swiglu1(v0.x + bb.x, v0.y + bb.y, limit, alpha);
+        const float o1 = swiglu1(v1.x + bb.z, v1.y + bb.w, limit, alpha);
+        act[r * I2 + (i >> 1)] = __floats2half2_rn(o0, o1);
     }
 }
 
 extern "C" int kn_llm_swiglu(const kn_half *gu, const float *b, int m, int I, float limit,
                              float alpha, kn_half *act, cudaStream_t s)
 {
-    const long total = (long)m * I;
-    if (total == 0)
+    const long pairs = (long)m * (I / 2);
+    if (pairs == 0)
         return 0;
-    const int blocks = (int)(total / 256 + 1 < 65536 ? total / 256 + 1 : 65536);
-    swiglu_kernel<<<blocks, 256, 0, s>>>(reinterpret_cast<const __half *>(gu), b, total, I,
-                                         limit, alpha, reinterpret_cast<__half *>(act));
+    if (I % 4)
+        return -EINVAL;
+    const int blocks = (int)(pairs / 256 + 1 < 65536 ? pairs / 256 + 1 : 65536);
+    swiglu_kernel<<<blocks, 256, 0, s>>>(reinterpret_cast<const __half2 *>(gu), b, pairs, I,
+                                         limit, alpha, reinterpret_cast<__half2 *>(act));
     return KN_LAUNCHED("swiglu");
 }
 
 /* --------------------------------------------------------- combine */
 
-__global__ void moe_combine_kernel(const float *__restrict__ y, const float *__restrict__ b,
-                                   const int *__restrict__ ids, const float *__restrict__ w,
-                                   const int *__restrict__ row_of, int topk, int H,
-                                   float *__restrict__ x)
+/* One block a token: x += sum_j w_j (y[row_j] + b[expert_j]), j in order;
+ * then, when norm_w is set, the next layer's attention RMSNorm of x into
+ * out16. */
+__global__ void __launch_bounds__(256)
+moe_combine_kernel(const float *__restrict__ y, const float *__restrict__ b,
+                   const int *__restrict__ ids, const float *__restrict__ w,
+                   const int *__restrict__ row_of, int topk, int H, float *__restrict__ x,
+                   const float *__restrict__ norm_w, float eps, __half *__restrict__ out16)
 {
+    __shared__ float red[32];
     const int t = blockIdx.x;
-    for (int c = threadIdx.x; c < H; c += blockDim.x) {
-        float sum = 0.f;
+    const int H4 = H >> 2;
+    float4 *x4 = reinterpret_cast<float4 *>(x + (size_t)t * H);
+    float ss = 0.f;
+    for (int i = threadIdx.x; i < H4; i += blockDim.x) {
+        float4 sum = make_float4(0.f, 0.f, 0.f, 0.f);
         for (int j = 0; j < topk; j++) {
             const int p = t * topk + j;
-            sum += w[p] * (y[(size_t)row_of[p] * H + c] + b[(size_t)ids[p] * H + c]);
+            const float wp = w[p];
+            const float4 yv = reinterpret_cast<const float4 *>(y + (size_t)row_of[p] * H)[i];
+            const float4 bv = reinterpret_cast<const float4 *>(b + (size_t)ids[p] * H)[i];
+            sum.x += wp * (yv.x + bv.x);
+            sum.y += wp * (yv.y + bv.y);
+            sum.z += wp * (yv.z + bv.z);
+            sum.w += wp * (yv.w + bv.w);
         }
-        x[(size_t)t * H + c] += sum;
+        float4 v = x4[i];
+        v.x += sum.x;
+        v.y += sum.y;
+        v.z += sum.z;
+        v.w += sum.w;
+        x4[i] = v;
+        ss += v.x * v.x + v.y * v.y + v.z * v.z + v.w * v.w;
     }
+    if (norm_w)                         /* uniform across the block */
+        norm_row_out(x4, H, ss, reinterpret_cast<const float4 *>(norm_w), eps,
+                     reinterpret_cast<__half2 *>(out16 + (size_t)t * H), NULL, red);
 }
 
 extern "C" int kn_llm_moe_combine(const float *y, const float *b, const int *ids,
                                   const float *w, const int *row_of, int n, int topk, int H,
-                                  float *x, cudaStream_t s)
+                                  float *x, const float *norm_w, float eps, kn_half *out16,
+                                  cudaStream_t s)
 {
-    moe_combine_kernel<<<n, 256, 0, s>>>(y, b, ids, w, row_of, topk, H, x);
+    if (H % 4)
+        return -EINVAL;
+    moe_combine_kernel<<<n, 256, 0, s>>>(y, b, ids, w, row_of, topk, H, x, norm_w, eps,
+                                         reinterpret_cast<__half *>(out16));
     return KN_LAUNCHED("moe_combine");
 }
 

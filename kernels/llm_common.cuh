@@ -150,6 +150,16 @@ __device__ __forceinline__ void warp_topk_softmax(const float *logits, int E, in
     }
 }
 
+/* gpt-oss's clamped SwiGLU of one (gate, up) pair, biases already added
+ * (decode and prefill: the same operations, so the same bits). */
+__device__ __forceinline__ float swiglu1(float g, float u, float limit, float alpha)
+{
+    g = fminf(g, limit);
+    u = fminf(fmaxf(u, -limit), limit);
+    const float glu = g / (1.f + expf(-alpha * g));
+    return (u + 1.f) * glu;
+}
+
 static inline int kn_div_up(long a, long b) { return (int)((a + b - 1) / b); }
 
 /* ------------------------------------------ programmatic dependent launch

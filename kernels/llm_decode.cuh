@@ -500,10 +500,7 @@ __device__ __forceinline__ void moe_item(int it, const float *xsrc, float *scrat
                 gte += __ldcg(pp);
                 up += __ldcg(pp + 1);
             }
-            gte = fminf(gte, limit);
-            up = fminf(fmaxf(up, -limit), limit);
-            const float glu = gte / (1.f + expf(-alpha * gte));
-            out[(size_t)jj * (N >> 1) + (c >> 1)] = (up + 1.f) * glu;
+            out[(size_t)jj * (N >> 1) + (c >> 1)] = swiglu1(gte, up, limit, alpha);
         }
     } else if (tid < TW) {
         const int c = tile * TW + tid;

@@ -56,15 +56,28 @@ static int gemm_xw(cublasHandle_t h, const kn_half *A, const kn_half *B, void *C
     return st == CUBLAS_STATUS_SUCCESS ? 0 : blas_fail(st, "gemm x@W");
 }
 
-/* C[m, N] (fp32) = A[m, K] (fp16) @ W^T, W [N, K] row-major: nn.Linear. */
+/* C[m, N] (fp32) = A[m, K] (fp16) @ W^T + beta * C, W [N, K] row-major:
+ * nn.Linear (beta 1 adds into a residual stream). */
 static int gemm_lin(struct rn_engine *e, const kn_half *A, const kn_half *W, float *C, int m,
-                    int N, int K)
+                    int N, int K, float beta)
 {
-    const float one = 1.f, zero = 0.f;
+    const float one = 1.f;
     cublasStatus_t st = cublasGemmEx(e->blas, CUBLAS_OP_T, CUBLAS_OP_N, N, m, K, &one, W,
-                                     CUDA_R_16F, K, A, CUDA_R_16F, K, &zero, C, CUDA_R_32F, N,
+                                     CUDA_R_16F, K, A, CUDA_R_16F, K, &beta, C, CUDA_R_32F, N,
                                      CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
     return st == CUBLAS_STATUS_SUCCESS ? 0 : blas_fail(st, "gemm linear");
+}
+
+/* Router logits [m, E] (fp32) = hn32 [m, H] @ Wr32^T: fp32 throughout (the
+ * handle's default math mode has no TF32), since the top-k is discrete. */
+static int gemm_router(struct rn_engine *e, const float *hn, const float *Wr, float *C, int m,
+                       int E, int H)
+{
+    const float one = 1.f, zero = 0.f;
+    cublasStatus_t st = cublasGemmEx(e->blas, CUBLAS_OP_T, CUBLAS_OP_N, E, m, H, &one, Wr,
+                                     CUDA_R_32F, H, hn, CUDA_R_32F, H, &zero, C, CUDA_R_32F, E,
+                                     CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
+    return st == CUBLAS_STATUS_SUCCESS ? 0 : blas_fail(st, "gemm router");
 }
 
 static struct kn_attn_geom geom(const struct rn_engine *e, int l)
@@ -349,35 +362,44 @@ static int prefill_chunk(struct rn_engine *e, const int32_t *ids, int n, bool wa
     }
     if (e->pf_profile)
         e->pf_chunks++;
+    /* BNBFS_PF_PROFILE=1: an event at each phase boundary (mark i ends
+     * phase i-1 of pf_names) */
+#define MARK(i)                                                                                \
+    do {                                                                                       \
+        if (e->pf_profile)                                                                     \
+            CU(cudaEventRecord(e->pf_ev[i], st));                                              \
+    } while (0)
+    /* The first layer's attention norm; each later one comes out of the
+     * previous layer's combine (hn16 is free by then: the experts read Xg). */
+    TRY(kn_llm_rmsnorm(e->X, e->L[0].attn_norm, c->rms_eps, n, H, e->hn16, NULL, st));
     for (int l = 0; l < c->nlayers; l++) {
         struct eng_layer *L = &e->L[l];
         const struct kn_attn_geom g = geom(e, l);
-        if (e->pf_profile)
-            CU(cudaEventRecord(e->pf_ev[0], st));
-        TRY(kn_llm_rmsnorm(e->X, L->attn_norm, c->rms_eps, n, H, e->hn16, NULL, st));
-        TRY(gemm_lin(e, e->hn16, L->wqkv, e->qkv32, n, NQKV, H));
+        MARK(0);
+        TRY(gemm_lin(e, e->hn16, L->wqkv, e->qkv32, n, NQKV, H, 0.f));
         TRY(kn_llm_qkv_prefill(e->qkv32, L->bqkv, n, pos0, &g, e->rope, e->q16, L->kc, L->vc,
                                st));
-        if (e->pf_profile)
-            CU(cudaEventRecord(e->pf_ev[1], st));
+        MARK(1);
         TRY(kn_llm_attn_prefill(e->q16, L->kc, L->vc, L->sinks, &g, n, pos0, e->attn16, st));
-        if (e->pf_profile)
-            CU(cudaEventRecord(e->pf_ev[2], st));
-        TRY(gemm_lin(e, e->attn16, L->wo, e->y32, n, H, Q));
-        TRY(kn_llm_add_bias_resid(e->y32, L->bo, n, H, e->X, st));
-
-        if (e->pf_profile)
-            CU(cudaEventRecord(e->pf_ev[3], st));
-        TRY(kn_llm_rmsnorm(e->X, L->mlp_norm, c->rms_eps, n, H, e->hn16, e->hn32, st));
-        TRY(kn_llm_route(e->hn32, L->wr, L->br, n, H, E, K, e->rids, e->rw, st));
+        MARK(2);
+        TRY(gemm_lin(e, e->attn16, L->wo, e->X, n, H, Q, 1.f));
+        MARK(3);
+        TRY(kn_llm_bias_resid_norm(e->X, L->bo, L->mlp_norm, c->rms_eps, n, H, e->hn16, e->hn32,
+                                   st));
+        MARK(4);
+        TRY(gemm_router(e, e->hn32, L->wr32, e->rlog, n, E, H));
+        TRY(kn_llm_route_topk(e->rlog, L->br, n, E, K, e->rids, e->rw, st));
+        MARK(5);
         TRY(kn_llm_moe_group(e->rids, n, K, E, e->offsets, e->rows_tok, e->row_of, st));
+        MARK(6);
         TRY(kn_llm_gather_rows(e->hn16, e->rows_tok, n * K, H, e->Xg, st));
+        MARK(7);
         /* GEMM sizes are per expert: the host needs the counts. */
         CU(cudaMemcpyAsync(e->h_offsets, e->offsets, (size_t)(E + 1) * sizeof(int),
                            cudaMemcpyDeviceToHost, st));
-        if (e->pf_profile)
-            CU(cudaEventRecord(e->pf_ev[4], st));
+        MARK(8);
         CU(cudaStreamSynchronize(st));
+        MARK(9);                        /* the GPU idled from mark 8 until now */
         const double th = e->pf_profile ? now_s() : 0;
         struct pf_ctx p = {.l = l, .off = e->h_offsets};
         if (e->resident) {
@@ -387,19 +409,22 @@ static int prefill_chunk(struct rn_engine *e, const int32_t *ids, int n, bool wa
         }
         if (e->pf_profile && e->pf_chunks > 1)
             e->pf_host_s += now_s() - th;
-        if (e->pf_profile)
-            CU(cudaEventRecord(e->pf_ev[5], st));
-        TRY(kn_llm_moe_combine(e->Y, L->down_b, e->rids, e->rw, e->row_of, n, K, H, e->X, st));
+        MARK(10);
+        const bool last = l + 1 == c->nlayers;
+        TRY(kn_llm_moe_combine(e->Y, L->down_b, e->rids, e->rw, e->row_of, n, K, H, e->X,
+                               last ? NULL : e->L[l + 1].attn_norm, c->rms_eps,
+                               last ? NULL : e->hn16, st));
+        MARK(11);
         if (e->pf_profile) {
-            CU(cudaEventRecord(e->pf_ev[6], st));
-            CU(cudaEventSynchronize(e->pf_ev[6]));
-            for (int k = 0; k < 6 && e->pf_chunks > 1; k++) {
+            CU(cudaEventSynchronize(e->pf_ev[ENG_PF_MARKS - 1]));
+            for (int k = 0; k + 1 < ENG_PF_MARKS && e->pf_chunks > 1; k++) {
                 float ms = 0;
                 CU(cudaEventElapsedTime(&ms, e->pf_ev[k], e->pf_ev[k + 1]));
                 e->pf_t[k] += ms;
             }
         }
     }
+#undef MARK
     if (want_logits) {
         TRY(kn_llm_rmsnorm(e->X + (size_t)(n - 1) * H, e->final_norm, c->rms_eps, 1, H, NULL,
                            e->hfin, st));
@@ -546,7 +571,7 @@ static int engine_init(struct rn_engine *e)
 
     const char *pfp = getenv("BNBFS_PF_PROFILE");
     e->pf_profile = pfp && *pfp == '1';
-    for (int i = 0; e->pf_profile && i < 7; i++)
+    for (int i = 0; e->pf_profile && i < ENG_PF_MARKS; i++)
         CU(cudaEventCreate(&e->pf_ev[i]));
     TRY(eng_plan_and_alloc(e));
     TRY(decode_args(e));
@@ -587,6 +612,10 @@ static int engine_init(struct rn_engine *e)
     const double t0 = now_s();
     TRY(eng_upload(e));
     CU(cudaDeviceSynchronize());
+    for (int l = 0; l < c->nlayers; l++)
+        TRY(kn_llm_convert(e->L[l].wr, 0, (size_t)c->nexperts * c->hidden, 1, e->L[l].wr32,
+                           e->st));
+    CU(cudaStreamSynchronize(e->st));
     e->stats.load_s = now_s() - t0;
     e->stats.resident = e->resident;
     e->stats.expert_slots = e->resident ? 0 : e->nslots;
@@ -627,14 +656,21 @@ void rn_engine_free(struct rn_engine *e)
     if (e->blas)
         cublasDestroy(e->blas);
     if (e->pf_profile && e->pf_chunks > 1) {
+        static const char *const name[ENG_PF_MARKS - 1] = {
+            "q/k/v + rope", "attention", "o_proj", "bias + mlp norm", "router", "grouping",
+            "gather", "counts download", "host wait (GPU idle)", "experts",
+            "combine + next norm"};
         const double k = 1.0 / (e->pf_chunks - 1);
+        char line[1024];
+        int len = 0;
+        for (int i = 0; i < ENG_PF_MARKS - 1; i++)
+            len += snprintf(line + len, sizeof line - (size_t)len, "%s%s %.2f", i ? ", " : "",
+                            name[i], k * e->pf_t[i]);
         dq_log(DQ_LOG_INFO, ENG_TAG, "prefill profile, ms a chunk over %d chunks after the "
-               "first (%d side streams): norm + q/k/v + rope %.2f, attention %.2f, o + residual "
-               "%.2f, routing %.2f, experts %.2f (host issuing %.2f), combine %.2f",
-               e->pf_chunks - 1, e->npf, k * e->pf_t[0], k * e->pf_t[1], k * e->pf_t[2],
-               k * e->pf_t[3], k * e->pf_t[4], k * 1e3 * e->pf_host_s, k * e->pf_t[5]);
+               "first (%d side streams): %s; host issuing experts %.2f", e->pf_chunks - 1,
+               e->npf, line, k * 1e3 * e->pf_host_s);
     }
-    for (int i = 0; i < 7; i++)
+    for (int i = 0; i < ENG_PF_MARKS; i++)
         if (e->pf_ev[i])
             cudaEventDestroy(e->pf_ev[i]);
     for (int i = 0; i < ENG_PF_STREAMS; i++) {

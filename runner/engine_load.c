@@ -77,6 +77,7 @@ static void layout(struct rn_engine *e, bool with_experts, bool embed_on_gpu, in
         ALLOC(L->attn_norm, H);
         ALLOC(L->mlp_norm, H);
         ALLOC(L->wr, E * H);
+        ALLOC(L->wr32, E * H);
         ALLOC(L->br, E);
         ALLOC(L->gate_up_b, E * 2 * I);
         ALLOC(L->down_b, E * H);
@@ -136,13 +137,13 @@ static void layout(struct rn_engine *e, bool with_experts, bool embed_on_gpu, in
     ALLOC(e->qkv32, C * NQKV);
     ALLOC(e->q16, C * Q);
     ALLOC(e->attn16, C * Q);
-    ALLOC(e->y32, C * H);
     ALLOC(e->rids, C * K);
     ALLOC(e->rw, C * K);
     ALLOC(e->offsets, E + 1);
     ALLOC(e->rows_tok, C * K);
     ALLOC(e->row_of, C * K);
     ALLOC(e->Xg, C * K * H);
+    ALLOC(e->rlog, C * E);
     for (int i = 0; i < (with_experts ? ENG_PF_STREAMS : 1); i++) {
         ALLOC(e->GU[i], C * 2 * I);            /* one expert at a time: <= C rows */
         ALLOC(e->act16[i], C * I);

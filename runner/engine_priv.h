@@ -21,6 +21,7 @@
 
 #define ENG_TAG "engine"
 #define ENG_PF_STREAMS 4
+#define ENG_PF_MARKS 12        /* prefill profile: events a layer */
 
 /* A CUDA failure: logged with the call, file and line, then -EIO. */
 int eng_cuda_fail(cudaError_t e, const char *call, const char *file, int line);
@@ -45,6 +46,7 @@ struct eng_layer {
     float *sinks;               /* device; [nh] */
     float *attn_norm, *mlp_norm;/* device; [H] */
     kn_half *wr;                /* device; [E, H] */
+    float *wr32;                /* device; [E, H]: wr in fp32 for the prefill router GEMM */
     float *br;                  /* device; [E] */
     kn_half *gate_up;           /* device; [E, H, 2I]; NULL in the 24 GB mode */
     kn_half *down;              /* device; [E, I, H]; NULL in the 24 GB mode */
@@ -127,7 +129,8 @@ struct rn_engine {
 
     /* prefill workspace */
     int32_t *d_tok, *h_tok;     /* [chunk] */
-    float *X, *hn32, *qkv32, *y32, *Y, *rw;
+    float *X, *hn32, *qkv32, *Y, *rw;
+    float *rlog;                /* [chunk, E] router logits */
     kn_half *hn16, *q16, *attn16, *Xg;
     /* Prefill experts run on ENG_PF_STREAMS side streams when resident (one
      * expert GEMM of ~C*topk/E rows cannot fill the GPU), each with its own
@@ -142,8 +145,9 @@ struct rn_engine {
      * phases, summed from the second chunk on (the first pays cuBLAS's
      * per-shape setup) and logged when the engine is freed. */
     bool pf_profile;
-    cudaEvent_t pf_ev[7];
-    double pf_t[6], pf_host_s;  /* summed ms per phase; host seconds issuing experts */
+    cudaEvent_t pf_ev[ENG_PF_MARKS];
+    double pf_t[ENG_PF_MARKS - 1], pf_host_s;  /* summed ms per phase; host seconds issuing
+                                                * experts */
     int pf_chunks;              /* prefill chunks run while profiling */
     int *rids, *offsets, *rows_tok, *row_of;
     int *h_offsets;             /* pinned [E+1] */
