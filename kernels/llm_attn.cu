@@ -42,25 +42,67 @@ __device__ __forceinline__ uint32_t pack_half2(float lo, float hi)
     return *reinterpret_cast<uint32_t *>(&h);
 }
 
+/* 16-byte global -> shared copy that bypasses registers (sm_80+); a row
+ * that is not valid is zero-filled (src-size 0: nothing is read). */
+__device__ __forceinline__ void cp_async16(void *dst, const void *src, bool valid)
+{
+    const unsigned d = (unsigned)__cvta_generic_to_shared(dst);
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(d), "l"(src),
+                 "r"(valid ? 16 : 0));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n"); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
+
+/* Two B fragments (n-tiles d0 and d0+8, keys k0..k0+15) of V stored
+ * row-major [key][dim] in shared memory, transposed by ldmatrix: lane L
+ * names row k0 + L%8 + 8*((L/8)&1) at column d0 + 8*(L/16). */
+__device__ __forceinline__ void ldsm_x4_trans(uint32_t r[4], const __half *p)
+{
+    const unsigned a = (unsigned)__cvta_generic_to_shared(p);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(a));
+}
+
 template <int HD>
 struct pf_layout {
-    static constexpr int LDQ = HD + 8;      /* halves; Q and K rows (conflict-free 32-bit reads) */
-    static constexpr int LDV = PF_K + 8;    /* halves; V transposed: [HD][keys] */
+    static constexpr int LDQ = HD + 8;      /* halves; Q, K and V rows (conflict-free 32-bit
+                                             * reads and ldmatrix rows; 16-byte aligned) */
+    static constexpr size_t tile = (size_t)PF_K * LDQ * 2;
     static constexpr size_t q_off = 0;
-    static constexpr size_t k_off = q_off + (size_t)PF_Q * LDQ * 2;
-    static constexpr size_t v_off = k_off + (size_t)PF_K * LDQ * 2;
-    static constexpr size_t bytes = v_off + (size_t)HD * LDV * 2;
+    static constexpr size_t k_off = q_off + (size_t)PF_Q * LDQ * 2;   /* [2] K tiles */
+    static constexpr size_t v_off = k_off + 2 * tile;                 /* [2] V tiles */
+    static constexpr size_t bytes = v_off + 2 * tile;
 };
 
+/* Issues the cp.async copies of key tile kt (K and V rows kt..kt+63, rows
+ * past qp_last zero-filled) into buffer `buf`. */
+template <int HD>
+__device__ __forceinline__ void load_kv_tile(__half *Ks, __half *Vs, const __half *kb,
+                                             const __half *vb, int kt, int qp_last, int tid)
+{
+    using L = pf_layout<HD>;
+    constexpr int V8 = HD / 8;
+    for (int idx = tid; idx < PF_K * V8; idx += PF_THREADS) {
+        const int r = idx / V8, c = idx % V8, kp = kt + r;
+        const bool ok = kp <= qp_last;
+        const size_t src = (size_t)(ok ? kp : 0) * HD + c * 8;
+        cp_async16(Ks + r * L::LDQ + c * 8, kb + src, ok);
+        cp_async16(Vs + r * L::LDQ + c * 8, vb + src, ok);
+    }
+}
+
 /* grid (ceil(n / 64), nheads); 4 warps of 16 query rows; keys in tiles of
- * 64 through shared memory (K as stored, V transposed). Scores,
- * probabilities and the output stay in registers: S = Q K^T (fp32
- * accumulators) becomes P (fp16) in the A-fragment layout of the next MMA
- * directly, each row's max and sum take two shuffles (a row lives in 4
- * lanes), and O is rescaled in place. Per key: scale, mask, running max
- * from the sink, exp, P rounded to fp16 for the product and summed in fp32.
- * (It replaced a wmma kernel that kept S and O in shared memory: 11.8 ->
- * 4.7 ms of attention a 2048-token chunk on an H100.) */
+ * 64, double-buffered through shared memory by cp.async (the next tile
+ * loads while this one computes). Scores, probabilities and the output
+ * stay in registers: S = Q K^T (fp32 accumulators) becomes P (fp16) in the
+ * A-fragment layout of the next MMA directly, each row's max and sum take
+ * two shuffles (a row lives in 4 lanes), and O is rescaled in place; V's
+ * B fragments come transposed out of ldmatrix. Per key: scale, mask,
+ * running max from the sink, exp, P rounded to fp16 for the product and
+ * summed in fp32. (It replaced a wmma kernel that kept S and O in shared
+ * memory: 11.8 -> 4.7 ms of attention a 2048-token chunk on an H100.) */
 template <int HD>
 __global__ void __launch_bounds__(PF_THREADS)
 attn_prefill_kernel(const __half *__restrict__ q16, const __half *__restrict__ kc,
@@ -70,8 +112,9 @@ attn_prefill_kernel(const __half *__restrict__ q16, const __half *__restrict__ k
     using L = pf_layout<HD>;
     extern __shared__ __align__(128) unsigned char smraw[];
     __half *Qs = reinterpret_cast<__half *>(smraw + L::q_off);
-    __half *Ks = reinterpret_cast<__half *>(smraw + L::k_off);
-    __half *Vt = reinterpret_cast<__half *>(smraw + L::v_off);
+    __half *Kbuf = reinterpret_cast<__half *>(smraw + L::k_off);
+    __half *Vbuf = reinterpret_cast<__half *>(smraw + L::v_off);
+    constexpr int TILE_H = PF_K * L::LDQ;   /* halves a K or V tile */
 
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     const int gq = lane >> 2, t4 = lane & 3;
@@ -79,15 +122,20 @@ attn_prefill_kernel(const __half *__restrict__ q16, const __half *__restrict__ k
     const int kvh = h / (g.nheads / g.nkv);
     const int nq = min(PF_Q, n - qfirst);
     constexpr int V8 = HD / 8;
+    const int qp_first = pos0 + qfirst, qp_last = pos0 + qfirst + nq - 1;
+    const int klo = g.window ? max(0, qp_first - g.window + 1) : 0;
+    const __half *kb = kc + (size_t)kvh * g.max_ctx * HD;
+    const __half *vbase = vc + (size_t)kvh * g.max_ctx * HD;
 
     for (int idx = tid; idx < PF_Q * V8; idx += PF_THREADS) {
         const int r = idx / V8, c = idx % V8;
-        uint4 v = make_uint4(0, 0, 0, 0);
-        if (r < nq)
-            v = *reinterpret_cast<const uint4 *>(q16 + ((size_t)(qfirst + r) * g.nheads + h) * HD +
-                                                 c * 8);
-        *reinterpret_cast<uint4 *>(Qs + r * L::LDQ + c * 8) = v;
+        const bool ok = r < nq;
+        cp_async16(Qs + r * L::LDQ + c * 8,
+                   q16 + ((size_t)(qfirst + (ok ? r : 0)) * g.nheads + h) * HD + c * 8, ok);
     }
+    load_kv_tile<HD>(Kbuf, Vbuf, kb, vbase, klo, qp_last, tid);
+    cp_async_commit();
+    cp_async_wait<0>();
     __syncthreads();
     const int r0 = warp * 16, ra = r0 + gq, rb = ra + 8;
     uint32_t qa[HD / 16][4];
@@ -107,30 +155,20 @@ attn_prefill_kernel(const __half *__restrict__ q16, const __half *__restrict__ k
     float ma = sinks[h], mb = ma, la = 1.f, lb = 1.f;   /* the sink: a key with a zero value */
     const int qpa = pos0 + qfirst + ra, qpb = pos0 + qfirst + rb;
     const bool va = ra < nq, vb = rb < nq;
-    const int qp_first = pos0 + qfirst, qp_last = pos0 + qfirst + nq - 1;
-    const int klo = g.window ? max(0, qp_first - g.window + 1) : 0;
-    const __half *kb = kc + (size_t)kvh * g.max_ctx * HD;
-    const __half *vbase = vc + (size_t)kvh * g.max_ctx * HD;
 
-    for (int kt = klo; kt <= qp_last; kt += PF_K) {
-        for (int idx = tid; idx < PF_K * V8; idx += PF_THREADS) {
-            const int r = idx / V8, c = idx % V8, kp = kt + r;
-            uint4 kv = make_uint4(0, 0, 0, 0);
-            if (kp <= qp_last)
-                kv = *reinterpret_cast<const uint4 *>(kb + (size_t)kp * HD + c * 8);
-            *reinterpret_cast<uint4 *>(Ks + r * L::LDQ + c * 8) = kv;
-        }
-        /* V goes in transposed; consecutive lanes take consecutive keys so
-         * the 2-byte stores of a warp fall in distinct banks */
-        for (int idx = tid; idx < PF_K * V8; idx += PF_THREADS) {
-            const int r = idx % PF_K, c = idx / PF_K, kp = kt + r;
-            uint4 vv = make_uint4(0, 0, 0, 0);
-            if (kp <= qp_last)
-                vv = *reinterpret_cast<const uint4 *>(vbase + (size_t)kp * HD + c * 8);
-            const __half *vh = reinterpret_cast<const __half *>(&vv);
-#pragma unroll
-            for (int j = 0; j < 8; j++)
-                Vt[(c * 8 + j) * L::LDV + r] = vh[j];
+    int buf = 0;
+    for (int kt = klo; kt <= qp_last; kt += PF_K, buf ^= 1) {
+        const __half *Ks = Kbuf + buf * TILE_H, *Vs = Vbuf + buf * TILE_H;
+        /* the other buffer was last read in the previous round, which ended
+         * in a barrier: start the next tile's copies, then wait for this
+         * tile's */
+        if (kt + PF_K <= qp_last) {
+            load_kv_tile<HD>(Kbuf + (buf ^ 1) * TILE_H, Vbuf + (buf ^ 1) * TILE_H, kb, vbase,
+                             kt + PF_K, qp_last, tid);
+            cp_async_commit();
+            cp_async_wait<1>();
+        } else {
+            cp_async_wait<0>();
         }
         __syncthreads();
 
@@ -197,14 +235,16 @@ attn_prefill_kernel(const __half *__restrict__ q16, const __half *__restrict__ k
 #pragma unroll
         for (int k = 0; k < PF_K / 16; k++) {
 #pragma unroll
-            for (int j = 0; j < HD / 8; j++) {
-                const __half *vp = Vt + (j * 8 + gq) * L::LDV + k * 16 + t4 * 2;
-                const uint32_t b[2] = {*reinterpret_cast<const uint32_t *>(vp),
-                                       *reinterpret_cast<const uint32_t *>(vp + 8)};
+            for (int j = 0; j < HD / 8; j += 2) {
+                const __half *vp = Vs + (k * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * L::LDQ +
+                                   j * 8 + (lane >> 4) * 8;
+                uint32_t b[4];
+                ldsm_x4_trans(b, vp);
                 mma16816(o[j], pa[k], b);
+                mma16816(o[j + 1], pa[k], b + 2);
             }
         }
-        __syncthreads();        /* K/V tiles are reloaded next round */
+        __syncthreads();        /* this buffer is refilled the round after next */
     }
 
 #pragma unroll

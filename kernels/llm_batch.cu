@@ -221,7 +221,8 @@ extern "C" int kn_llm_route_topk(const float *logits, const float *br, int n, in
 /* One block: the histogram of expert ids, its exclusive prefix, then a
  * stable scatter in chunks of blockDim pairs. Within a warp, lanes holding
  * the same expert are ranked by __match_any_sync; across warps, by a
- * per-chunk prefix of the warps' counts (shared [nwarps][E]). */
+ * per-chunk prefix of the warps' counts (shared [nwarps][E], one warp
+ * scanning each expert's column). blockDim.x is a multiple of 32, <= 1024. */
 __global__ void __launch_bounds__(GROUP_THREADS)
 moe_group_kernel(const int *__restrict__ ids, int m, int E, int topk, int *__restrict__ offsets,
                  int *__restrict__ rows_tok, int *__restrict__ row_of)
@@ -256,14 +257,21 @@ moe_group_kernel(const int *__restrict__ ids, int m, int E, int topk, int *__res
         if (v >= 0 && rank == 0)
             wcnt[warp * E + v] = __popc(same);
         __syncthreads();
-        for (int e = tid; e < E; e += blockDim.x) {
-            int run = base[e];
-            for (int w = 0; w < nw; w++) {
-                const int c = wcnt[w * E + e];
-                wcnt[w * E + e] = run;
-                run += c;
+        for (int e = warp; e < E; e += nw) {   /* lane w scans warp w's count of e */
+            const int c = lane < nw ? wcnt[lane * E + e] : 0;
+            int incl = c;
+#pragma unroll
+            for (int o = 1; o < 32; o <<= 1) {
+                const int t = __shfl_up_sync(0xffffffffu, incl, o);
+                if (lane >= o)
+                    incl += t;
             }
-            base[e] = run;
+            const int b0 = base[e];
+            __syncwarp();
+            if (lane < nw)
+                wcnt[lane * E + e] = b0 + incl - c;
+            if (lane == 31)
+                base[e] = b0 + incl;
         }
         __syncthreads();
         if (v >= 0) {

@@ -392,14 +392,16 @@ static int prefill_chunk(struct rn_engine *e, const int32_t *ids, int n, bool wa
         MARK(5);
         TRY(kn_llm_moe_group(e->rids, n, K, E, e->offsets, e->rows_tok, e->row_of, st));
         MARK(6);
-        TRY(kn_llm_gather_rows(e->hn16, e->rows_tok, n * K, H, e->Xg, st));
-        MARK(7);
-        /* GEMM sizes are per expert: the host needs the counts. */
+        /* GEMM sizes are per expert: the host needs the counts. It waits for
+         * them while the GPU gathers the rows. */
         CU(cudaMemcpyAsync(e->h_offsets, e->offsets, (size_t)(E + 1) * sizeof(int),
                            cudaMemcpyDeviceToHost, st));
+        CU(cudaEventRecord(e->ev_counts, st));
+        MARK(7);
+        TRY(kn_llm_gather_rows(e->hn16, e->rows_tok, n * K, H, e->Xg, st));
         MARK(8);
-        CU(cudaStreamSynchronize(st));
-        MARK(9);                        /* the GPU idled from mark 8 until now */
+        CU(cudaEventSynchronize(e->ev_counts));
+        MARK(9);                        /* > 0: the GPU idled after the gather until now */
         const double th = e->pf_profile ? now_s() : 0;
         struct pf_ctx p = {.l = l, .off = e->h_offsets};
         if (e->resident) {
@@ -560,6 +562,7 @@ static int engine_init(struct rn_engine *e)
     CU(cudaStreamCreateWithFlags(&e->st, cudaStreamNonBlocking));
     CU(cudaStreamCreateWithFlags(&e->cst, cudaStreamNonBlocking));
     CU(cudaEventCreateWithFlags(&e->ev_route, cudaEventDisableTiming));
+    CU(cudaEventCreateWithFlags(&e->ev_counts, cudaEventDisableTiming));
     cublasStatus_t bs = cublasCreate(&e->blas);
     if (bs != CUBLAS_STATUS_SUCCESS) {
         e->blas = NULL;
@@ -658,7 +661,7 @@ void rn_engine_free(struct rn_engine *e)
     if (e->pf_profile && e->pf_chunks > 1) {
         static const char *const name[ENG_PF_MARKS - 1] = {
             "q/k/v + rope", "attention", "o_proj", "bias + mlp norm", "router", "grouping",
-            "gather", "counts download", "host wait (GPU idle)", "experts",
+            "counts download", "gather", "host wait (GPU idle)", "experts",
             "combine + next norm"};
         const double k = 1.0 / (e->pf_chunks - 1);
         char line[1024];
@@ -685,6 +688,8 @@ void rn_engine_free(struct rn_engine *e)
         cudaEventDestroy(e->ev_fork);
     if (e->ev_route)
         cudaEventDestroy(e->ev_route);
+    if (e->ev_counts)
+        cudaEventDestroy(e->ev_counts);
     if (e->st)
         cudaStreamDestroy(e->st);
     if (e->cst)

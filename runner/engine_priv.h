@@ -151,6 +151,7 @@ struct rn_engine {
     int pf_chunks;              /* prefill chunks run while profiling */
     int *rids, *offsets, *rows_tok, *row_of;
     int *h_offsets;             /* pinned [E+1] */
+    cudaEvent_t ev_counts;      /* h_offsets has arrived */
 
     cudaGraphExec_t graph;      /* resident decode step, captured on first use */
 
