@@ -9,8 +9,9 @@
  * bits. The greedy pick (argmax) of the logits runs on the GPU after
  * lm_head, so a greedy caller gets 4 bytes back a token
  * (rn_engine_forward_pick). Prefill (n tokens, in chunks): cuBLAS GEMMs (fp16 in, fp32 out)
- * for the projections and for each expert's grouped tokens, tensor-core
- * attention, and small fused kernels between them.
+ * for the projections and for each expert's grouped tokens (the router's in
+ * fp32), tensor-core attention, and small fused kernels between them (the
+ * residual adds carry the next RMSNorm).
  *
  * Not here: memory plan and upload (engine_load.c), the expert cache of the
  * 24 GB mode (engine_cache.c), tokens and sampling (main.c and friends).
