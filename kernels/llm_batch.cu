@@ -140,6 +140,18 @@ __device__ __forceinline__ void norm_row_out(const float4 *__restrict__ x4, int 
     }
 }
 
+/* x4[i] += d; returns the new value's sum of squares (for the row's norm). */
+__device__ __forceinline__ float add_row4(float4 *x4, int i, float4 d)
+{
+    float4 v = x4[i];
+    v.x += d.x;
+    v.y += d.y;
+    v.z += d.z;
+    v.w += d.w;
+    x4[i] = v;
+    return v.x * v.x + v.y * v.y + v.z * v.z + v.w * v.w;
+}
+
 /* One block a token: x += bias (the o_proj GEMM already added its output
  * into x), then the MLP's RMSNorm of x into out16 and out32. */
 __global__ void __launch_bounds__(256)
@@ -152,16 +164,8 @@ bias_resid_norm_kernel(float *__restrict__ x, const float *__restrict__ bias,
     float4 *x4 = reinterpret_cast<float4 *>(x + row);
     const float4 *b4 = reinterpret_cast<const float4 *>(bias);
     float ss = 0.f;
-    for (int i = threadIdx.x; i < (H >> 2); i += blockDim.x) {
-        float4 v = x4[i];
-        const float4 b = b4[i];
-        v.x += b.x;
-        v.y += b.y;
-        v.z += b.z;
-        v.w += b.w;
-        x4[i] = v;
-        ss += v.x * v.x + v.y * v.y + v.z * v.z + v.w * v.w;
-    }
+    for (int i = threadIdx.x; i < (H >> 2); i += blockDim.x)
+        ss += add_row4(x4, i, b4[i]);
     norm_row_out(x4, H, ss, reinterpret_cast<const float4 *>(w), eps,
                  out16 ? reinterpret_cast<__half2 *>(out16 + row) : NULL,
                  out32 ? reinterpret_cast<float4 *>(out32 + row) : NULL, red);
@@ -377,13 +381,7 @@ moe_combine_kernel(const float *__restrict__ y, const float *__restrict__ b,
             sum.z += wp * (yv.z + bv.z);
             sum.w += wp * (yv.w + bv.w);
         }
-        float4 v = x4[i];
-        v.x += sum.x;
-        v.y += sum.y;
-        v.z += sum.z;
-        v.w += sum.w;
-        x4[i] = v;
-        ss += v.x * v.x + v.y * v.y + v.z * v.z + v.w * v.w;
+        ss += add_row4(x4, i, sum);
     }
     if (norm_w)                         /* uniform across the block */
         norm_row_out(x4, H, ss, reinterpret_cast<const float4 *>(norm_w), eps,
