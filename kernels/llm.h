@@ -212,7 +212,8 @@ int kn_llm_embed(const kn_half *embed, int H, const int32_t *ids, int n, float *
                  cudaStream_t s);
 
 /* Row-wise RMSNorm of x [n, H] scaled by w: out16 (fp16, may be NULL) and
- * out32 (fp32, may be NULL). */
+ * out32 (fp32, may be NULL); one block a row, the same code as the fused
+ * norms of kn_llm_bias_resid_norm and kn_llm_moe_combine. H % 4 == 0. */
 int kn_llm_rmsnorm(const float *x, const float *w, float eps, int n, int H, kn_half *out16,
                    float *out32, cudaStream_t s);
 

@@ -33,6 +33,35 @@ extern "C" int kn_llm_embed(const kn_half *embed, int H, const int32_t *ids, int
 
 /* ---------------------------------------------------------- RMSNorm */
 
+__device__ __forceinline__ float sq4(float4 v)
+{
+    return v.x * v.x + v.y * v.y + v.z * v.z + v.w * v.w;
+}
+
+/* The second half of an RMSNorm of one row, for the elements this thread
+ * holds final values of (i = threadIdx.x + k*blockDim.x, float4s):
+ * ss is its partial sum of squares; writes x*r*w to out16 and/or out32.
+ * Every thread of the block calls it. */
+__device__ __forceinline__ void norm_row_out(const float4 *__restrict__ x4, int H, float ss,
+                                             const float4 *__restrict__ w4, float eps,
+                                             __half2 *__restrict__ o16,
+                                             float4 *__restrict__ o32, float *red)
+{
+    ss = block_sum(ss, red);
+    const float r = rsqrtf(ss / (float)H + eps);
+    for (int i = threadIdx.x; i < (H >> 2); i += blockDim.x) {
+        const float4 v = x4[i], w = w4[i];
+        const float4 y = make_float4(v.x * r * w.x, v.y * r * w.y, v.z * r * w.z, v.w * r * w.w);
+        if (o16) {
+            o16[2 * i] = __floats2half2_rn(y.x, y.y);
+            o16[2 * i + 1] = __floats2half2_rn(y.z, y.w);
+        }
+        if (o32)
+            o32[i] = y;
+    }
+}
+
+/* One block a row: x's RMSNorm with weight w into out16 and/or out32. */
 __global__ void rmsnorm_kernel(const float *__restrict__ x, const float *__restrict__ w,
                                float eps, int H, __half *__restrict__ out16,
                                float *__restrict__ out32)
@@ -40,24 +69,21 @@ __global__ void rmsnorm_kernel(const float *__restrict__ x, const float *__restr
     __shared__ float red[32];
     pdl_wait();
     pdl_launch_dependents();
-    const float *xr = x + (size_t)blockIdx.x * H;
+    const size_t row = (size_t)blockIdx.x * H;
+    const float4 *x4 = reinterpret_cast<const float4 *>(x + row);
     float ss = 0.f;
-    for (int i = threadIdx.x; i < H; i += blockDim.x)
-        ss += xr[i] * xr[i];
-    ss = block_sum(ss, red);
-    const float r = rsqrtf(ss / (float)H + eps);
-    for (int i = threadIdx.x; i < H; i += blockDim.x) {
-        const float v = xr[i] * r * w[i];
-        if (out16)
-            out16[(size_t)blockIdx.x * H + i] = __float2half_rn(v);
-        if (out32)
-            out32[(size_t)blockIdx.x * H + i] = v;
-    }
+    for (int i = threadIdx.x; i < (H >> 2); i += blockDim.x)
+        ss += sq4(x4[i]);
+    norm_row_out(x4, H, ss, reinterpret_cast<const float4 *>(w), eps,
+                 out16 ? reinterpret_cast<__half2 *>(out16 + row) : NULL,
+                 out32 ? reinterpret_cast<float4 *>(out32 + row) : NULL, red);
 }
 
 extern "C" int kn_llm_rmsnorm(const float *x, const float *w, float eps, int n, int H,
                               kn_half *out16, float *out32, cudaStream_t s)
 {
+    if (H % 4)
+        return -EINVAL;
     return kn_launch_pdl("rmsnorm", rmsnorm_kernel, dim3(n), dim3(256), 0, s, x, w, eps, H,
                          reinterpret_cast<__half *>(out16), out32);
 }
@@ -117,29 +143,6 @@ extern "C" int kn_llm_qkv_prefill(const float *qkv, const float *bias, int n, in
 
 /* --------------------------------------------------------- residual */
 
-/* The second half of an RMSNorm for one row whose final values this thread
- * wrote (elements i = threadIdx.x + k*blockDim.x, float4s): ss is its
- * partial sum of squares; writes x*r*w to out16 and/or out32. Every thread
- * of the block calls it. */
-__device__ __forceinline__ void norm_row_out(const float4 *__restrict__ x4, int H, float ss,
-                                             const float4 *__restrict__ w4, float eps,
-                                             __half2 *__restrict__ o16,
-                                             float4 *__restrict__ o32, float *red)
-{
-    ss = block_sum(ss, red);
-    const float r = rsqrtf(ss / (float)H + eps);
-    for (int i = threadIdx.x; i < (H >> 2); i += blockDim.x) {
-        const float4 v = x4[i], w = w4[i];
-        const float4 y = make_float4(v.x * r * w.x, v.y * r * w.y, v.z * r * w.z, v.w * r * w.w);
-        if (o16) {
-            o16[2 * i] = __floats2half2_rn(y.x, y.y);
-            o16[2 * i + 1] = __floats2half2_rn(y.z, y.w);
-        }
-        if (o32)
-            o32[i] = y;
-    }
-}
-
 /* x4[i] += d; returns the new value's sum of squares (for the row's norm). */
 __device__ __forceinline__ float add_row4(float4 *x4, int i, float4 d)
 {
@@ -149,7 +152,7 @@ __device__ __forceinline__ float add_row4(float4 *x4, int i, float4 d)
     v.z += d.z;
     v.w += d.w;
     x4[i] = v;
-    return v.x * v.x + v.y * v.y + v.z * v.z + v.w * v.w;
+    return sq4(v);
 }
 
 /* One block a token: x += bias (the o_proj GEMM already added its output
